@@ -1,0 +1,182 @@
+"""The sampler against transformers' generate, behaviour vs teacher-forced log-probs, and
+code interleaving with a scripted executor."""
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import model as M
+
+QUESTIONS = ["What is 2+2?", "Compute the sum of the first hundred primes, then explain why.", "Hi",
+             "A train leaves at 3pm going 60 mph; when does it arrive 150 miles away?"]
+
+
+def left_pad(prompts, pad):
+    P = max(map(len, prompts))
+    ids = torch.full((len(prompts), P), pad)
+    mask = torch.zeros(len(prompts), P, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, P - len(p):] = torch.tensor(p)
+        mask[i, P - len(p):] = 1
+    return ids, mask
+
+
+class Bigram(torch.nn.Module):
+    """Wraps a model and adds `strength` to the logit of b whenever the input token is a:
+    a deterministic way to make a random model write ```python blocks. Applied at every
+    position, so sampling and teacher forcing see the same distribution."""
+
+    def __init__(self, inner, pairs, strength=40.0):
+        super().__init__()
+        self.inner, self.pairs, self.strength = inner, pairs, strength
+        self.config, self.generation_config = inner.config, inner.generation_config
+
+    def forward(self, input_ids, logits_to_keep=0, **kw):
+        out = self.inner(input_ids=input_ids, logits_to_keep=logits_to_keep, **kw)
+        last = input_ids[:, -out.logits.shape[1]:]
+        for a, b in self.pairs:
+            out.logits[..., b] += self.strength * (last == a)
+        return out
+
+
+def code_writer(tiny, tok):
+    t = lambda s: tok(s, add_special_tokens=False).input_ids
+    [nl], [ticks], [py] = t("\n"), t("```"), t("python")
+    return Bigram(tiny, [(nl, ticks), (ticks, py), (py, nl)])
+
+
+class Scripted:
+    """An executor that records the cells it is given and answers from a script."""
+
+    def __init__(self, *answers):
+        self.calls, self.answers = [], list(answers)
+
+    def __call__(self, cells):
+        self.calls.append(list(cells))
+        out = self.answers[min(len(self.calls), len(self.answers)) - 1]
+        return SimpleNamespace(output=out, ok=True, error=None)
+
+
+def test_greedy_matches_generate_batched(tiny, tok):
+    prompts = [M.chat_prompt(tok, q) for q in QUESTIONS]
+    assert len({len(p) for p in prompts}) > 1, "prompts must differ in length"
+    outs = M.sample(tiny, tok, prompts, max_new_tokens=24, greedy=True, code=False)
+    ids, mask = left_pad(prompts, tok.pad_token_id)
+    ref = tiny.generate(input_ids=ids, attention_mask=mask, max_new_tokens=24, do_sample=False,
+                        pad_token_id=tok.pad_token_id)
+    for i, o in enumerate(outs):
+        expect = ref[i, ids.shape[1]:].tolist()[:len(o.response_ids)]
+        assert o.response_ids == expect
+        assert len(o.response_ids) == 24 or o.finish == "eos"
+
+
+def test_batch_of_one_matches_generate(tiny, tok):
+    p = M.chat_prompt(tok, QUESTIONS[1])
+    [o] = M.sample(tiny, tok, [p], max_new_tokens=16, greedy=True, code=False)
+    ref = tiny.generate(input_ids=torch.tensor([p]), max_new_tokens=16, do_sample=False,
+                        pad_token_id=tok.pad_token_id)
+    assert o.response_ids == ref[0, len(p):].tolist()[:len(o.response_ids)]
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 0, 1.0), (0.7, 0, 1.0)])
+def test_behaviour_logprobs_equal_teacher_forced(tiny, tok, temperature, top_k, top_p):
+    prompts = [M.chat_prompt(tok, q) for q in QUESTIONS]
+    outs = M.sample(tiny, tok, prompts, max_new_tokens=20, temperature=temperature, seed=3, code=False)
+    tf = M.sequence_logprobs(tiny, prompts, [o.response_ids for o in outs], temperature=temperature)
+    for o, lp in zip(outs, tf):
+        assert torch.allclose(lp, torch.tensor(o.logprobs), atol=1e-4)
+
+
+def test_top_k_top_p_restrict_the_support(tiny, tok):
+    prompts = [M.chat_prompt(tok, q) for q in QUESTIONS]
+    a = M.sample(tiny, tok, prompts, max_new_tokens=12, top_k=1, seed=1, code=False)
+    g = M.sample(tiny, tok, prompts, max_new_tokens=12, greedy=True, code=False)
+    assert [o.response_ids for o in a] == [o.response_ids for o in g]      # top-k 1 is greedy
+    assert all(abs(x) < 1e-6 for o in a for x in o.logprobs)              # ...a point mass
+    p = M.sample(tiny, tok, prompts, max_new_tokens=12, top_p=0.5, seed=1, code=False)
+    full = M.sequence_logprobs(tiny, prompts, [o.response_ids for o in p])
+    for o, lp in zip(p, full):   # renormalised over the nucleus: never below the full log-prob
+        assert all(b >= f - 1e-5 for b, f in zip(o.logprobs, lp.tolist()))
+
+
+def test_seed_reproducible(tiny, tok):
+    prompts = [M.chat_prompt(tok, q) for q in QUESTIONS]
+    a = M.sample(tiny, tok, prompts, max_new_tokens=10, seed=5, code=False)
+    b = M.sample(tiny, tok, prompts, max_new_tokens=10, seed=5, code=False)
+    c = M.sample(tiny, tok, prompts, max_new_tokens=10, seed=6, code=False)
+    assert [o.response_ids for o in a] == [o.response_ids for o in b]
+    assert [o.response_ids for o in a] != [o.response_ids for o in c]
+
+
+def test_stop_string_eos_and_max_tokens(tiny, tok):
+    prompts = [M.chat_prompt(tok, q) for q in QUESTIONS]
+    free = M.sample(tiny, tok, prompts, max_new_tokens=30, greedy=True, code=False, ignore_eos=True)
+    assert all(o.finish == "length" and o.n_sampled == 30 for o in free)
+    # stop string: the text of the 5th sampled token of row 0
+    stop = tok.decode(free[0].response_ids[4:5])
+    [o] = M.sample(tiny, tok, prompts[:1], max_new_tokens=30, greedy=True, code=False, stop=[stop])
+    assert o.finish == "stop" and stop in o.text and len(o.response_ids) <= 5
+    # EOS: wrap the model so <|im_end|> wins after 6 tokens' worth of any token
+    eos = tok.convert_tokens_to_ids("<|im_end|>")
+    first = free[1].response_ids[2]
+    forced = Bigram(tiny, [(first, eos)], strength=1e4)
+    [o] = M.sample(forced, tok, prompts[1:2], max_new_tokens=30, greedy=True, code=False)
+    assert o.finish == "eos" and o.response_ids[-1] == eos and o.response_ids[:3] == free[1].response_ids[:3]
+
+
+def test_forced_prefix_is_fed_and_masked(tiny, tok):
+    prompts = [M.chat_prompt(tok, q) for q in QUESTIONS[:2]]
+    prefix = tok("Let's think step by step.", add_special_tokens=False).input_ids
+    outs = M.sample(tiny, tok, prompts, [prefix, []], max_new_tokens=8, greedy=True, code=False)
+    assert outs[0].response_ids[:len(prefix)] == prefix and outs[0].n_prefix == len(prefix)
+    assert outs[0].sampled == [False] * len(prefix) + [True] * 8
+    # the same as generate continuing from prompt + prefix
+    ref = tiny.generate(input_ids=torch.tensor([prompts[0] + prefix]), max_new_tokens=8, do_sample=False,
+                        pad_token_id=tok.pad_token_id)
+    assert outs[0].response_ids[len(prefix):] == ref[0, len(prompts[0]) + len(prefix):].tolist()
+
+
+def test_code_block_runs_output_is_inserted_and_masked(tiny, tok):
+    lm = code_writer(tiny, tok)
+    prompts = [M.chat_prompt(tok, q) for q in QUESTIONS[:3]]
+    prefix = tok("```python\nx = 5\nprint(x)\n", add_special_tokens=False).input_ids
+    ex = Scripted("5", "6", "7")
+    outs = M.sample(lm, tok, prompts, [prefix, [], []], max_new_tokens=40, temperature=1.0, seed=0,
+                    executor=ex, max_code_calls=2)
+    o = outs[0]
+    assert "```output\n5\n```" in o.text
+    assert [c["output"] for c in o.code_calls] == ["5", "6"]                   # call limit 2
+    assert "Reach max function call limit." in o.text
+    assert o.code_calls[0]["code"] == "x = 5\nprint(x)\n"
+    # the second block was run with the first block's code before it (notebook state)
+    mine = [c for c in ex.calls if c[0] == "x = 5\nprint(x)\n"]
+    assert len(mine) == 2 and len(mine[1]) == 2
+    # the first run of inserted tokens after the prefix is exactly the output block
+    start = o.sampled.index(True)
+    start = o.sampled.index(False, start)
+    end = o.sampled.index(True, start)
+    assert tok.decode(o.response_ids[start:end]) == "\n```output\n5\n```\n"
+    assert tok.decode(o.response_ids[start - 1:start]) == "```" and o.sampled[start - 1]
+    # behaviour log-probs still equal teacher-forced ones after the insertions
+    tf = M.sequence_logprobs(lm, prompts, [x.response_ids for x in outs])
+    for x, lp in zip(outs, tf):
+        s = torch.tensor(x.sampled)
+        assert torch.allclose(lp[s], torch.tensor(x.logprobs)[s], atol=1e-4)
+        assert all(v == 0.0 for v, m in zip(x.logprobs, x.sampled) if not m)
+
+
+def test_other_rows_decode_while_one_waits(tiny, tok):
+    """A slow execution in row 0 does not change what row 1 samples."""
+    import time
+
+    class Slow(Scripted):
+        def __call__(self, cells):
+            time.sleep(0.3)
+            return super().__call__(cells)
+
+    lm = code_writer(tiny, tok)
+    prompts = [M.chat_prompt(tok, q) for q in QUESTIONS[:2]]
+    prefix = tok("```python\nprint(1)\n", add_special_tokens=False).input_ids
+    both = M.sample(lm, tok, prompts, [prefix, []], max_new_tokens=30, greedy=True, executor=Slow("1"))
+    alone = M.sample(lm, tok, prompts[1:], max_new_tokens=30, greedy=True, executor=Scripted("1"))
+    assert both[1].response_ids == alone[0].response_ids
