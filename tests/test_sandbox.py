@@ -1,0 +1,170 @@
+"""Adversarial and faulty snippets against the sandbox, table-driven. Each row asserts the
+exact outcome, a time bound, and (checked by listing processes) that nothing was left
+running. Namespace-only guarantees are skipped where the OS does not allow namespaces."""
+import os
+import socket
+import time
+
+import pytest
+
+import sandbox
+
+T = 1.0   # timeout used in these tests (seconds)
+ISOLATED = sandbox.isolated()
+needs_ns = pytest.mark.skipif(not ISOLATED, reason="needs root / namespaces")
+
+
+def all_pids():
+    return {int(p) for p in os.listdir("/proc") if p.isdigit()}
+
+
+def parents():
+    out = {}
+    for pid in all_pids():
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                out[pid] = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError):
+            pass
+    return out
+
+
+def leftovers(before):
+    """New processes that are not a zygote or its one prepared sandbox (G and R)."""
+    time.sleep(0.05)
+    ppid = parents()
+    zygotes = {z.proc.pid for z in sandbox._all}
+    allowed = set(zygotes)
+    for _ in range(3):   # zygote -> G -> R
+        allowed |= {p for p, pp in ppid.items() if pp in allowed}
+    extra = set(ppid) - before - allowed
+    return {p for p in extra if os.path.exists(f"/proc/{p}") and p != os.getpid()}
+
+
+# (name, cells, expected ok, error prefix or None, text expected in output or None, max seconds)
+CASES = [
+    ("print", ["print(1+1)"], True, None, "2\n", 1),
+    ("zero division", ["1/0"], False, "ZeroDivisionError: division by zero", "ZeroDivisionError", 1),
+    ("syntax error", ["def f(:\n  pass"], False, "SyntaxError", None, 1),
+    ("name error", ["print(undefined_name)"], False, "NameError", None, 1),
+    ("infinite loop", ["while True: pass"], False, "Timeout after 1 s", None, T + 0.5),
+    ("C loop", ["sum(range(10**12))"], False, "Timeout after 1 s", None, T + 0.5),
+    ("ignores signals", ["import signal\nfor s in (signal.SIGTERM, signal.SIGINT, signal.SIGALRM):\n"
+                         "    signal.signal(s, signal.SIG_IGN)\nwhile True: pass"], False, "Timeout", None, T + 0.5),
+    ("swallows exceptions", ["import time\nwhile True:\n    try:\n        time.sleep(10)\n"
+                             "    except BaseException:\n        pass"], False, "Timeout", None, T + 0.5),
+    ("huge bytearray", ["x = bytearray(10**11)"], False, "MemoryError", None, 1),
+    ("huge list", ["x = [0] * (10**10)"], False, "MemoryError", None, 1),
+    ("huge numpy", ["import numpy as np\nx = np.zeros((10**6, 10**6))"], False, None, "MemoryError", 1),
+    ("numpy and sympy work", ["import numpy as np, sympy as sp\nx = sp.symbols('x')\n"
+                              "print(sp.solve(x**2 - 4, x), int(np.arange(10).sum()))"], True, None, "[-2, 2] 45", 1),
+    ("endless printing", ["while True: print('spam' * 50)"], False, "Timeout", "bytes cut", T + 0.5),
+    ("one huge print", ["print('a' * 10**7)"], True, None, "bytes cut", 2),
+    ("bounded fork tree", ["import os, time\nfor _ in range(5):\n    os.fork()\ntime.sleep(100)"], False,
+     "Timeout", None, T + 0.5),
+    ("subprocess left running", ["import subprocess\nsubprocess.Popen(['sleep', '1000'])\nprint('ok')"],
+     True, None, "ok", 1),
+    ("thread left running", ["import threading, time\nthreading.Thread(target=time.sleep, args=(1000,)).start()\n"
+                             "print('ok')"], True, None, "ok", 1),
+    ("exit code", ["exit(3)"], False, "Exited with code 3", None, 1),
+    ("os._exit", ["import os\nos._exit(5)"], False, "Exited with code 5", None, 1),
+    ("clean exit", ["import sys\nprint('bye')\nsys.exit(0)"], True, None, "bye", 1),
+    ("segfault", ["import ctypes\nctypes.string_at(0)"], False, "Killed by signal 11", None, 1),
+    ("kills its parent", ["import os\nos.kill(os.getppid(), 9)\nprint('still here')"], None, None, None, 1),
+    ("kills its group", ["import os\nos.killpg(0, 9)"], False, "Killed by signal 9", None, 1),
+    ("huge integer prints", ["print(len(str(10**5000)))"], True, None, "5001", 1),
+    ("file size limit", ["open('big', 'wb').write(b'x' * (20 << 20))"], False, "OSError", None, 2),
+    ("open file limit", ["fs = [open('/dev/null') for _ in range(1000)]"], False, "OSError", None, 1),
+    ("stdin is empty", ["input()"], False, "EOFError", None, 1),
+    ("keyboard interrupt", ["raise KeyboardInterrupt"], False, "KeyboardInterrupt", None, 1),
+    ("notebook state", ["x = 3", "y = x * 2", "print(x + y)"], True, None, "9", 1),
+    ("earlier output hidden", ["print('hidden')", "print('shown')"], True, None, "shown", 1),
+    ("last expression shown", ["a = 2", "a ** 10"], True, None, "1024", 1),
+    ("earlier error keeps state", ["z = 1\n1/0", "print(z)"], True, None, "1", 1),
+    ("timeout resets state", ["a = 1", "while True: pass", "print(a)"], False, "NameError", "timed out", T + 1.5),
+]
+
+
+@pytest.mark.parametrize("name,cells,ok,error,text,seconds", CASES, ids=[c[0] for c in CASES])
+def test_snippet(name, cells, ok, error, text, seconds):
+    sandbox.run_cells(["pass"])               # warm the pool outside the timing
+    before = all_pids()
+    t = time.monotonic()
+    res = sandbox.run_cells(cells, timeout=T)
+    elapsed = time.monotonic() - t
+    assert elapsed <= seconds, f"{name}: took {elapsed:.2f}s"
+    if ok is not None:
+        assert res.ok is ok, res
+    if error is None and ok:
+        assert res.error is None, res
+    elif error is not None:
+        assert res.error is not None and res.error.startswith(error), res
+    if text is not None:
+        assert text in res.output, res
+    assert len(res.output) < 20000 + 200
+    assert leftovers(before) == set(), f"{name}: processes left running"
+    assert sandbox.run_cells(["print('alive')"]).output == "alive\n"     # the caller survived
+
+
+def test_parent_kill_does_not_reach_caller():
+    res = sandbox.run_cells(["import os\nos.kill(os.getppid(), 9)\nos.killpg(os.getpgid(0), 9)"], timeout=T)
+    assert res.ok is False
+    assert sandbox.run_cells(["print(7)"]).output == "7\n"
+
+
+@needs_ns
+def test_daemon_that_calls_setsid_is_killed():
+    before = all_pids()
+    res = sandbox.run_cells(["import os, time\nif os.fork() == 0:\n    os.setsid()\n    if os.fork() == 0:\n"
+                             "        time.sleep(1000)\n    os._exit(0)\nprint('parent done')"], timeout=T)
+    assert res.output == "parent done\n"
+    assert leftovers(before) == set()
+
+
+@needs_ns
+def test_no_file_left_outside_the_sandbox(tmp_path):
+    marker = f"autocode_leak_{os.getpid()}"
+    targets = [f"/tmp/{marker}", f"/var/tmp/{marker}", f"/dev/shm/{marker}", str(tmp_path / marker),
+               os.path.expanduser(f"~/{marker}"), os.path.join(os.getcwd(), marker)]
+    code = "import os\nfor p in %r:\n    try:\n        open(p, 'w').write('x')\n    except OSError:\n        pass\n" \
+           "open('here', 'w').write('x')\nprint(sorted(os.listdir('.')))" % (targets,)
+    res = sandbox.run_cells([code], timeout=T)
+    assert "here" in res.output
+    assert [p for p in targets if os.path.exists(p)] == []
+
+
+@needs_ns
+def test_environment_and_parent_environ_are_scrubbed(monkeypatch):
+    monkeypatch.setenv("AUTOCODE_TEST_SECRET", "hunter2")
+    sandbox.shutdown()                        # new zygotes, started while the secret is set
+    code = ("import os\nprint(dict(os.environ))\n"
+            "for pid in [os.getppid(), 1, %d]:\n    try:\n        print(open(f'/proc/{pid}/environ').read())\n"
+            "    except OSError as e:\n        print('denied', pid)" % os.getpid())
+    res = sandbox.run_cells([code], timeout=T)
+    assert res.ok and "hunter2" not in res.output and f"denied {os.getpid()}" in res.output
+
+
+@needs_ns
+def test_no_network():
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen()
+    port = server.getsockname()[1]
+    res = sandbox.run_cells([f"import socket\nsocket.create_connection(('127.0.0.1', {port}), timeout=0.5)"],
+                            timeout=T)
+    server.close()
+    assert res.ok is False and res.error.split(":")[0] in ("OSError", "ConnectionRefusedError", "TimeoutError")
+
+
+def test_batch_keeps_order_and_separates_state():
+    batch = [[f"x = {i}", "print(x)"] for i in range(12)] + [["print(globals().get('x'))"]]
+    results = sandbox.run_batch(batch, timeout=T)
+    assert [r.output for r in results] == [f"{i}\n" for i in range(12)] + ["None\n"]
+
+
+def test_cli(capsys):
+    import subprocess
+    import sys
+    out = subprocess.run([sys.executable, "sandbox.py", "-c", "print(6*7)"], capture_output=True, text=True,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert out.stdout == "42\n" and "ok=True" in out.stderr
