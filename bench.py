@@ -1,0 +1,200 @@
+"""bench.py -- speed of the sampler and the sandbox, measured side by side in one run.
+
+  python bench.py sampler   # model.sample vs model.generate, batch 1 / 8 / 32, 128 new tokens
+  python bench.py code      # code-calling rollouts: model.sample vs generate + re-encode loop
+  python bench.py sandbox   # sandbox latency p50 vs `python -c`, and a 64-cell batch
+  python bench.py           # all three
+
+Every number is printed next to its baseline from the same run on the same machine; the
+targets (issue text) are ratios, so they hold or fail here and now. No test asserts them.
+Both sides of each comparison decode greedily with EOS ignored (`min_new_tokens` for
+generate), so they produce the same number of tokens and the tokens/s compare work, not luck.
+"""
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+import model as M
+import sandbox
+
+QUESTIONS = ["What is 17 * 23 + 5?", "Find the sum of all primes below 100.", "Solve x^2 - 5x + 6 = 0.",
+             "How many ways can 5 books be arranged on a shelf?", "What is 2^100 mod 7?",
+             "A rectangle has perimeter 30 and area 56. Find its sides.", "Compute 123456 * 654321.",
+             "What is the gcd of 1071 and 462?"]
+DEMO = ("Example.\nQuestion: What is 2**10 + 3**5?\nAnswer:\n```python\na = 2**10\nprint(a)\n```\n```output\n1024\n```\n"
+        "```python\nb = 3**5\nprint(a + b)\n```\n```output\n1267\n```\nSo the answer is \\boxed{1267}.\n\n")
+CODE_QUESTIONS = [f"What is {a}**{b} + {c}**{d}?" for a, b, c, d in
+                  [(2, 20, 3, 7), (5, 9, 7, 6), (11, 5, 13, 4), (6, 8, 9, 5), (4, 11, 3, 12), (7, 7, 2, 30),
+                   (12, 6, 5, 10), (3, 15, 8, 6)]]
+
+
+def left_pad(prompts, pad):
+    P = max(map(len, prompts))
+    ids = torch.full((len(prompts), P), pad)
+    mask = torch.zeros(len(prompts), P, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, P - len(p):] = torch.tensor(p)
+        mask[i, P - len(p):] = 1
+    return ids, mask
+
+
+def bench_sampler(model, tok, batches, new_tokens):
+    print(f"\n== sampler vs generate: greedy, {new_tokens} new tokens, EOS ignored ==")
+    print(f"{'batch':>5} {'generate tok/s':>15} {'sample tok/s':>13} {'ratio':>6} {'same tokens':>12}")
+    for b in batches:
+        prompts = [M.chat_prompt(tok, QUESTIONS[i % len(QUESTIONS)]) for i in range(b)]
+        ids, mask = left_pad(prompts, tok.pad_token_id)
+        t = time.perf_counter()
+        ref = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens,
+                             min_new_tokens=new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
+        t_gen = time.perf_counter() - t
+        t = time.perf_counter()
+        outs = M.sample(model, tok, prompts, max_new_tokens=new_tokens, greedy=True, code=False, ignore_eos=True)
+        t_ours = time.perf_counter() - t
+        same = sum(o.response_ids == ref[i, ids.shape[1]:].tolist() for i, o in enumerate(outs))
+        n = b * new_tokens
+        print(f"{b:>5} {n / t_gen:>15.1f} {n / t_ours:>13.1f} {t_gen / t_ours:>5.2f}x {same:>8}/{b}")
+
+
+def reencode_loop(model, tok, prompts, prefixes, max_new_tokens, max_code_calls=4, max_output_chars=400):
+    """The baseline: generate until a row closes a ```python block, run it, append the
+    output as text, and call generate again on the whole re-encoded context."""
+    from transformers import StoppingCriteria, StoppingCriteriaList
+    eos = set(M.stop_token_ids(model, tok))
+    ctx = [list(p) + list(f) for p, f in zip(prompts, prefixes)]
+    texts = [tok.decode(f) for f in prefixes]
+    scan, budget, calls, cells = [0] * len(ctx), [max_new_tokens] * len(ctx), [0] * len(ctx), [[] for _ in ctx]
+    active = list(range(len(ctx)))
+
+    class CloseOrBudget(StoppingCriteria):
+        def __init__(self, rows, start):
+            self.rows, self.start = rows, start
+
+        def __call__(self, input_ids, scores, **kw):
+            stop = []
+            for j, i in enumerate(self.rows):
+                new = input_ids[j, self.start:].tolist()
+                text = texts[i] + tok.decode(new)
+                stop.append(len(new) >= budget[i] or bool(M.CODE_BLOCK.search(text, scan[i])) or new[-1] in eos)
+            return torch.tensor(stop)
+
+    while active:
+        ids, mask = left_pad([ctx[i] for i in active], tok.pad_token_id)
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max(budget[i] for i in active),
+                             do_sample=False, pad_token_id=tok.pad_token_id,
+                             stopping_criteria=StoppingCriteriaList([CloseOrBudget(active, ids.shape[1])]))
+        still = []
+        for j, i in enumerate(active):
+            new = []
+            for t in out[j, ids.shape[1]:].tolist():
+                new.append(t)
+                piece = tok.decode(new)
+                if t in eos or len(new) >= budget[i] or M.CODE_BLOCK.search(texts[i] + piece, scan[i]):
+                    break
+            ctx[i] += new
+            budget[i] -= len(new)
+            texts[i] += tok.decode(new)
+            m = M.CODE_BLOCK.search(texts[i], scan[i])
+            if new and new[-1] in eos or budget[i] <= 0 or not m:
+                continue
+            scan[i] = m.end()
+            if calls[i] >= max_code_calls:
+                shown = "Reach max function call limit."
+            else:
+                calls[i] += 1
+                res = sandbox.run_cells(cells[i] + [m.group(1)])
+                cells[i].append(m.group(1))
+                shown = res.output if not res.error or res.error in res.output else res.output + res.error
+                shown = M.truncate_middle(shown, max_output_chars)
+            block = ("" if texts[i].endswith("\n") else "\n") + "```output\n" + shown.rstrip("\n") + "\n```\n"
+            ctx[i] += tok(block, add_special_tokens=False).input_ids
+            texts[i] += block
+            scan[i] = len(texts[i])
+            still.append(i)
+        active = still
+    return [c[len(p):] for c, p in zip(ctx, prompts)], calls
+
+
+def bench_code(model, tok, n, new_tokens):
+    print(f"\n== code-calling rollouts: {n} prompts, greedy, {new_tokens} sampled tokens each ==")
+    prompts = [M.chat_prompt(tok, DEMO + "Question: " + CODE_QUESTIONS[i % len(CODE_QUESTIONS)]) for i in range(n)]
+    prefix = tok("```python\na = ", add_special_tokens=False).input_ids
+    sandbox.run_cells(["pass"])
+    t = time.perf_counter()
+    outs = M.sample(model, tok, prompts, [prefix] * n, max_new_tokens=new_tokens, greedy=True, ignore_eos=True)
+    t_ours = time.perf_counter() - t
+    t = time.perf_counter()
+    ref, calls = reencode_loop(model, tok, prompts, [prefix] * n, new_tokens)
+    t_ref = time.perf_counter() - t
+    sampled = sum(o.n_sampled for o in outs)
+    same = sum(o.response_ids == r for o, r in zip(outs, ref))
+    print(f"code calls per rollout: {[len(o.code_calls) for o in outs]} (baseline {calls})")
+    print(f"re-encode loop: {t_ref:6.1f} s  {sampled / t_ref:6.1f} sampled tok/s")
+    print(f"model.sample:   {t_ours:6.1f} s  {sampled / t_ours:6.1f} sampled tok/s   "
+          f"ratio {t_ref / t_ours:.2f}x   identical rollouts {same}/{n}")
+
+
+def bench_sandbox(reps):
+    print("\n== sandbox ==")
+    sandbox.run_cells(["pass"])
+    print(f"isolated namespaces: {sandbox.isolated()}")
+    rows = []
+    for name, code in [("print(1+1)", "print(1+1)"), ("sympy cell", "import sympy\nprint(sympy.factorint(2**64 - 1))")]:
+        ts = []
+        for _ in range(reps):
+            time.sleep(0.02)          # a caller does other work between calls (sampling, grading)
+            t = time.perf_counter()
+            sandbox.run_cells([code])
+            ts.append(1000 * (time.perf_counter() - t))
+        back = []
+        for _ in range(reps):
+            t = time.perf_counter()
+            sandbox.run_cells([code])
+            back.append(1000 * (time.perf_counter() - t))
+        fresh = []
+        for _ in range(max(3, reps // 5)):
+            t = time.perf_counter()
+            subprocess.run([sys.executable, "-c", code], capture_output=True, env=sandbox.SAFE_ENV)
+            fresh.append(1000 * (time.perf_counter() - t))
+        rows.append((name, statistics.median(ts), statistics.median(back), statistics.median(fresh)))
+    print(f"{'cell':>12} {'p50 ms':>7} {'p50 back-to-back':>17} {'python -c ms':>13} {'ratio':>6}")
+    for name, p50, b2b, fresh in rows:
+        print(f"{name:>12} {p50:7.1f} {b2b:17.1f} {fresh:13.1f} {fresh / p50:5.1f}x")
+    sandbox.run_batch([["pass"]] * (os.cpu_count() or 1))      # start one zygote per core
+    batch = [[f"print(sum(range({i})))"] for i in range(64)]
+    t = time.perf_counter()
+    results = sandbox.run_batch(batch)
+    dt = time.perf_counter() - t
+    print(f"batch of 64 cells on {os.cpu_count()} cores: {64 / dt:.0f} cells/s, all ok: {all(r.ok for r in results)}")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("what", nargs="*", default=["all"], choices=["all", "sampler", "code", "sandbox"])
+    ap.add_argument("--model", default=M.DEFAULT_MODEL)
+    ap.add_argument("--dtype", default="fp32", choices=list(M.DTYPES))
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--code-prompts", type=int, default=8)
+    ap.add_argument("--reps", type=int, default=50)
+    args = ap.parse_args()
+    print(f"machine: {os.cpu_count()} cores, torch {torch.__version__}, threads {torch.get_num_threads()}, "
+          f"cuda {torch.cuda.is_available()}")
+    if {"all", "sandbox"} & set(args.what):
+        bench_sandbox(args.reps)
+    if {"all", "sampler", "code"} & set(args.what):
+        model, tok = M.load_model(args.model, args.dtype)
+        print(f"model: {args.model} {args.dtype}")
+        if {"all", "sampler"} & set(args.what):
+            bench_sampler(model, tok, args.batches, args.new_tokens)
+        if {"all", "code"} & set(args.what):
+            bench_code(model, tok, args.code_prompts, args.new_tokens)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,376 @@
+"""evaluate.py -- benchmarks, the paper's three prompt modes, and its metrics.
+
+  python evaluate.py --data ../shared/data/math500.jsonl --limit 50 --modes autonomous cot code
+  python evaluate.py --data builtin:test --model runs/em/checkpoint     # a trained model
+  python evaluate.py --data ../shared/data/gsm8k_test.jsonl --n 4 --temperature 0.7   # pass@4, maj@4
+
+Pieces, top to bottom:
+  data     load_problems(path): JSON lines in the MATH500 (problem / answer), GSM8K
+           (question / "... #### n"), AIME (integer answer), AMC (float answer) formats, and
+           the project's built-in task (`builtin:train`, `builtin:test`, see builtin_problems).
+           Malformed input fails with file:line and the field.
+  modes    MODES: autonomous (a neutral prompt; the model decides), forced CoT, forced code.
+           A forced mode is a prompt instruction plus a forced start of the response; forced
+           CoT also runs no code. explore.py forces its decisions with the same prefixes.
+  grading  grader.py (extract_answer / is_equiv); GSM8K, AIME, AMC and built-in answers
+           compare as exact numbers.
+  metrics  accuracy (sample 0: greedy when --n 1), pass@k and maj@k over --n samples, code
+           rate, mean code calls, execution error rate, selection accuracy (when all three
+           modes ran: the oracle decision per problem is the forced mode that solved it, CoT
+           preferred on ties, as in the paper; the autonomous run's decision is "code" when
+           it executed a block), per-level / per-subject accuracy for MATH, tokens/s.
+  output   <out>/samples.jsonl (every sample, appended as it is graded), <out>/summary.json
+           (written atomically) and a printed table. Re-running with the same --out resumes.
+
+Choices the paper leaves open: the neutral, CoT and code prompts (Qwen2.5-Math's wording for
+the latter two) and the two forcing prefixes below; both are flags in explore.py.
+"""
+import argparse
+import json
+import math
+import os
+import random
+import re
+import sys
+import time
+from collections import Counter, defaultdict
+
+from tqdm import tqdm
+
+import grader
+
+# ---------------------------------------------------------------------------------------
+# Prompt modes: the one place the prompts live
+# ---------------------------------------------------------------------------------------
+MODES = {
+    "autonomous": {"instruction": "Solve the problem. You may use Python code in ```python blocks if it helps, "
+                                  "and put your final answer within \\boxed{}.",
+                   "prefix": "", "code": True},
+    "cot": {"instruction": "Please reason step by step, and put your final answer within \\boxed{}.",
+            "prefix": "Let's reason step by step without code.\n", "code": False},
+    "code": {"instruction": "Please integrate natural language reasoning with programs to solve the problem above, "
+                            "and put your final answer within \\boxed{}.",
+             "prefix": "Let's first analyze the problem, then consider if python code could help.\n```python\n",
+             "code": True},
+}
+
+
+# ---------------------------------------------------------------------------------------
+# Data
+# ---------------------------------------------------------------------------------------
+def builtin_problems(split="train", n=200, seed=0):
+    """A seeded generator of problems with exact integer answers. Some reward running code
+    (long products, long sums, modular powers, prime counts, gcd/lcm of big numbers,
+    counting); some are easy in the head (single-digit arithmetic). Splits never overlap:
+    they draw from different seeds."""
+    rng = random.Random(f"{split}-{seed}")
+    kinds = ["product", "range_sum", "mod_pow", "prime_count", "gcd", "lcm", "count", "small_add", "small_mul"]
+    out = []
+    for i in range(n):
+        kind = kinds[i % len(kinds)]
+        if kind == "product":
+            a, b = rng.randint(1000, 99999), rng.randint(1000, 99999)
+            q, ans = f"What is {a} \\times {b}?", a * b
+        elif kind == "range_sum":
+            a = rng.randint(1, 500)
+            b = a + rng.randint(1000, 100000)
+            q, ans = f"What is the sum of all integers from {a} to {b} inclusive?", (a + b) * (b - a + 1) // 2
+        elif kind == "mod_pow":
+            a, e, m = rng.randint(2, 99), rng.randint(50, 5000), rng.randint(7, 999)
+            q, ans = f"What is the remainder when {a}^{{{e}}} is divided by {m}?", pow(a, e, m)
+        elif kind == "prime_count":
+            n_ = rng.randint(100, 20000)
+            sieve = bytearray([1]) * (n_ + 1)
+            sieve[:2] = b"\x00\x00"
+            for p in range(2, int(n_ ** 0.5) + 1):
+                if sieve[p]:
+                    sieve[p * p::p] = bytearray(len(sieve[p * p::p]))
+            q, ans = f"How many prime numbers are less than or equal to {n_}?", sum(sieve)
+        elif kind in ("gcd", "lcm"):
+            g = rng.randint(2, 999)
+            a, b = g * rng.randint(100, 9999), g * rng.randint(100, 9999)
+            ans = math.gcd(a, b) if kind == "gcd" else a * b // math.gcd(a, b)
+            q = f"What is the {'greatest common divisor' if kind == 'gcd' else 'least common multiple'} of {a} and {b}?"
+        elif kind == "count":
+            n_, d = rng.randint(1000, 100000), rng.randint(3, 13)
+            q, ans = f"How many integers from 1 to {n_} are divisible by {d} but not by {d + 1}?", \
+                sum(1 for x in range(1, n_ + 1) if x % d == 0 and x % (d + 1) != 0)
+        elif kind == "small_add":
+            a, b = rng.randint(1, 9), rng.randint(1, 9)
+            q, ans = f"What is {a} + {b}?", a + b
+        else:
+            a, b = rng.randint(2, 9), rng.randint(2, 9)
+            q, ans = f"What is {a} \\times {b}?", a * b
+        out.append({"id": f"builtin-{split}-{i}", "question": q, "answer": str(ans), "numeric": True,
+                    "subject": kind})
+    return out
+
+
+def _bad(path, lineno, msg):
+    raise SystemExit(f"error: {path}:{lineno}: {msg}")
+
+
+def parse_record(rec, path, lineno):
+    """One JSON object -> {id, question, answer, numeric, level?, subject?}; formats detected."""
+    if not isinstance(rec, dict):
+        _bad(path, lineno, "expected a JSON object")
+    question = rec.get("problem", rec.get("question"))
+    if not isinstance(question, str) or not question.strip():
+        _bad(path, lineno, "no question: field 'problem' or 'question' is missing or empty")
+    if "answer" not in rec or rec["answer"] is None or str(rec["answer"]).strip() == "":
+        _bad(path, lineno, "no answer: field 'answer' is missing or empty")
+    raw = rec["answer"]
+    if isinstance(raw, bool):
+        _bad(path, lineno, "field 'answer' is a boolean")
+    if isinstance(raw, (int, float)):                                   # AIME (int), AMC (27.0)
+        answer = str(int(raw)) if float(raw).is_integer() else repr(float(raw))
+        numeric = True
+    elif "####" in raw:                                                 # GSM8K
+        answer = raw.rsplit("####", 1)[1].strip().replace(",", "")
+        numeric = True
+        if not answer:
+            _bad(path, lineno, "field 'answer' has nothing after '####'")
+    else:                                                               # MATH
+        answer, numeric = raw.strip(), bool(rec.get("numeric", False))
+    out = {"id": str(rec.get("id", rec.get("unique_id", f"{os.path.basename(path)}:{lineno}"))),
+           "question": question.strip(), "answer": answer, "numeric": numeric}
+    for key in ("level", "subject"):
+        if key in rec:
+            out[key] = rec[key]
+    return out
+
+
+def load_problems(path, limit=None, seed=0, shuffle=False):
+    if path.startswith("builtin"):
+        split = path.split(":", 1)[1] if ":" in path else "train"
+        problems = builtin_problems(split, n=limit or 200, seed=0)
+    elif os.path.exists(path):
+        problems = []
+        with open(path, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError as e:
+                    _bad(path, lineno, f"bad JSON ({e.msg} at column {e.colno})")
+                problems.append(parse_record(rec, path, lineno))
+    else:
+        problems = _load_hub(path)
+    if shuffle:
+        random.Random(seed).shuffle(problems)
+    return problems[:limit] if limit else problems
+
+
+def _load_hub(name):
+    """A hub dataset id, where the `datasets` package and a network exist."""
+    try:
+        import datasets
+        rows = datasets.load_dataset(name, split="test")
+    except Exception as e:
+        raise SystemExit(f"error: '{name}' is neither a local file nor a loadable hub dataset ({e.__class__.__name__}). "
+                         "Pass a JSON-lines path, e.g. ../shared/data/math500.jsonl, or builtin:test.")
+    return [parse_record(dict(r), name, i + 1) for i, r in enumerate(rows)]
+
+
+# ---------------------------------------------------------------------------------------
+# Sampling and grading
+# ---------------------------------------------------------------------------------------
+def grade(problem, text):
+    pred = grader.extract_answer(text)
+    return pred, grader.is_equiv(pred, problem["answer"], numeric=problem["numeric"])
+
+
+def prompt_for(tok, problem, mode):
+    import model as M
+    spec = MODES[mode]
+    return (M.chat_prompt(tok, problem["question"], spec["instruction"]),
+            tok(spec["prefix"], add_special_tokens=False).input_ids if spec["prefix"] else [])
+
+
+def read_samples(path):
+    """Samples already on disk; a torn last line (killed mid-write) is dropped."""
+    rows, good = [], 0
+    if os.path.exists(path):
+        with open(path, "rb") as f:
+            for line in f:
+                try:
+                    rows.append(json.loads(line))
+                    good += len(line)
+                except json.JSONDecodeError:
+                    break
+        with open(path, "r+b") as f:
+            f.truncate(good)
+    return rows
+
+
+def write_json_atomic(path, obj):
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def run(model, tok, problems, modes, out_dir, n=1, temperature=0.0, max_new_tokens=512, batch_size=16,
+        seed=0, progress=True):
+    """Sample, grade and record every (problem, mode, sample). Returns all records."""
+    import model as M
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, "samples.jsonl")
+    records = read_samples(path)
+    done = {(r["id"], r["mode"], r["sample"]) for r in records}
+    todo = [(p, mode, k) for mode in modes for p in problems for k in range(n) if (p["id"], mode, k) not in done]
+    timing = defaultdict(lambda: [0.0, 0])
+    bar = tqdm(total=len(todo), desc="evaluate", disable=not progress, unit="sample")
+    with open(path, "a") as f:
+        for start in range(0, len(todo), batch_size):
+            chunk = todo[start:start + batch_size]
+            for mode in dict.fromkeys(m for _, m, _ in chunk):
+                part = [(p, k) for p, m, k in chunk if m == mode]
+                prompts, prefixes = zip(*(prompt_for(tok, p, mode) for p, _ in part))
+                t = time.time()
+                outs = M.sample(model, tok, list(prompts), list(prefixes), max_new_tokens=max_new_tokens,
+                                greedy=temperature == 0, temperature=max(temperature, 1e-5),
+                                seed=seed + start, code=MODES[mode]["code"])
+                timing[mode][0] += time.time() - t
+                timing[mode][1] += sum(o.n_sampled for o in outs)
+                for (p, k), o in zip(part, outs):
+                    pred, ok = grade(p, o.text)
+                    rec = {"id": p["id"], "mode": mode, "sample": k, "question": p["question"], "text": o.text,
+                           "pred": pred, "answer": p["answer"], "correct": ok, "finish": o.finish,
+                           "tokens": o.n_sampled, "code_calls": o.code_calls,
+                           **{key: p[key] for key in ("level", "subject") if key in p}}
+                    f.write(json.dumps(rec) + "\n")
+                    records.append(rec)
+                f.flush()
+                bar.update(len(part))
+    bar.close()
+    return records, {m: {"seconds": s, "tokens": n_, "tokens_per_s": n_ / s if s else None}
+                     for m, (s, n_) in timing.items()}
+
+
+# ---------------------------------------------------------------------------------------
+# Metrics
+# ---------------------------------------------------------------------------------------
+def pass_at_k(n, c, k):
+    """Unbiased pass@k from n samples with c correct (Chen et al., 2021)."""
+    if n - c < k:
+        return 1.0
+    return 1.0 - math.prod((n - c - i) / (n - i) for i in range(k))
+
+
+def summarize(records, modes):
+    by = defaultdict(lambda: defaultdict(list))
+    for r in records:
+        by[r["mode"]][r["id"]].append(r)
+    summary = {}
+    for mode in modes:
+        probs = by.get(mode, {})
+        if not probs:
+            continue
+        first = [sorted(rs, key=lambda r: r["sample"])[0] for rs in probs.values()]
+        flat = [r for rs in probs.values() for r in rs]
+        calls = [c for r in flat for c in r["code_calls"]]
+        n = min(len(rs) for rs in probs.values())
+        maj = []
+        for rs in probs.values():
+            votes = Counter(grader.normalize(r["pred"]) for r in rs if r["pred"])
+            top = votes.most_common(1)[0][0] if votes else None
+            maj.append(any(r["correct"] for r in rs if r["pred"] and grader.normalize(r["pred"]) == top))
+        s = {"problems": len(probs), "samples_per_problem": n,
+             "accuracy": sum(r["correct"] for r in first) / len(first),
+             f"pass@{n}": sum(pass_at_k(len(rs), sum(r["correct"] for r in rs), n) for rs in probs.values()) / len(probs),
+             f"maj@{n}": sum(maj) / len(maj),
+             "code_rate": sum(bool(r["code_calls"]) for r in flat) / len(flat),
+             "mean_code_calls": len(calls) / len(flat),
+             "exec_error_rate": sum(not c.get("ok", True) for c in calls) / len(calls) if calls else 0.0,
+             "no_answer_rate": sum(r["pred"] is None for r in flat) / len(flat)}
+        for key in ("level", "subject"):
+            groups = defaultdict(list)
+            for r in first:
+                if key in r:
+                    groups[str(r[key])].append(r["correct"])
+            if groups:
+                s[f"accuracy_by_{key}"] = {g: sum(v) / len(v) for g, v in sorted(groups.items())}
+        summary[mode] = s
+    if all(m in by for m in ("autonomous", "cot", "code")):
+        hits, total = 0, 0
+        for pid, rs in by["autonomous"].items():
+            cot, code = by["cot"].get(pid), by["code"].get(pid)
+            if not cot or not code:
+                continue
+            oracle = "cot" if cot[0]["correct"] else "code" if code[0]["correct"] else None
+            if oracle is None:
+                continue
+            decision = "code" if rs[0]["code_calls"] else "cot"
+            hits += decision == oracle
+            total += 1
+        summary["selection_accuracy"] = {"value": hits / total if total else None, "problems_with_oracle": total}
+    return summary
+
+
+def print_table(summary, timing, wall):
+    cols = ["accuracy", "pass@", "maj@", "code_rate", "mean_code_calls", "exec_error_rate", "no_answer_rate"]
+    print(f"\n{'mode':<11} {'n':>4} " + " ".join(f"{c[:14]:>14}" for c in cols) + f" {'tok/s':>7}")
+    for mode, s in summary.items():
+        if mode == "selection_accuracy":
+            continue
+        vals = [s[next(k for k in s if k.startswith(c))] for c in cols]
+        tps = (timing.get(mode) or {}).get("tokens_per_s")
+        print(f"{mode:<11} {s['problems']:>4} " + " ".join(f"{v:>14.3f}" for v in vals) +
+              (f" {tps:>7.1f}" if tps else f" {'-':>7}"))
+    if "selection_accuracy" in summary and summary["selection_accuracy"]["value"] is not None:
+        sa = summary["selection_accuracy"]
+        print(f"selection accuracy: {sa['value']:.3f} over {sa['problems_with_oracle']} problems with an oracle")
+    for mode, s in summary.items():
+        for key in ("accuracy_by_level", "accuracy_by_subject"):
+            if mode != "selection_accuracy" and key in s:
+                print(f"{mode} {key}: " + ", ".join(f"{g}={v:.2f}" for g, v in s[key].items()))
+    print(f"wall time {wall:.0f} s")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--data", default="builtin:test", help="JSON-lines path, builtin:train|test, or a hub id")
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
+    ap.add_argument("--device", default=None)
+    ap.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
+    ap.add_argument("--limit", type=int, default=None)
+    ap.add_argument("--shuffle", action="store_true")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--n", type=int, default=1, help="samples per problem (pass@n, maj@n)")
+    ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    ap.add_argument("--max-new-tokens", type=int, default=512)
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--out", default=None, help="output directory (default results/<data>-<model>)")
+    args = ap.parse_args(argv)
+    if args.n > 1 and args.temperature == 0:
+        raise SystemExit("error: --n > 1 needs --temperature > 0 (greedy samples are identical)")
+    import torch
+    import model as M
+    problems = load_problems(args.data, args.limit, args.seed, args.shuffle)
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{os.path.basename(args.data)}-{os.path.basename(args.model.rstrip('/'))}")
+    out = args.out or os.path.join("results", name)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model, tok = M.load_model(args.model, args.dtype, device)
+    print("prompts:", json.dumps(MODES, indent=1))
+    t = time.time()
+    records, timing = run(model, tok, problems, args.modes, out, n=args.n, temperature=args.temperature,
+                          max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, seed=args.seed)
+    wall = time.time() - t
+    ids = {p["id"] for p in problems}
+    summary = summarize([r for r in records if r["id"] in ids], args.modes)
+    summary["_run"] = {"data": args.data, "model": args.model, "n": args.n, "temperature": args.temperature,
+                       "max_new_tokens": args.max_new_tokens, "timing": timing, "wall_s": wall,
+                       "grader_timeouts": grader.TIMEOUTS, "prompts": MODES}
+    write_json_atomic(os.path.join(out, "summary.json"), summary)
+    print_table({k: v for k, v in summary.items() if k != "_run"}, timing, wall)
+    print(f"samples: {os.path.join(out, 'samples.jsonl')}  summary: {os.path.join(out, 'summary.json')}")
+    return summary
+
+
+if __name__ == "__main__":
+    main()

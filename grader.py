@@ -1,0 +1,166 @@
+"""grader.py -- is this answer right? Every reported number and every reward goes through here.
+
+Contract:
+  extract_answer(text) -> str | None
+      The content of the LAST \\boxed{...} (nested braces), also `\\boxed 5` and \\fbox{...},
+      looked for only outside ```output blocks (execution output is not the model's answer).
+      An unbalanced box is no answer.
+  is_equiv(pred, ref, numeric=False) -> bool
+      numeric=True (GSM8K, AIME, AMC, the built-in task): both must be plain numbers (after
+      removing $, thousands separators, \\text{units}); compared exactly (18.00 == 18,
+      033 == 33), no tolerance, no percent fallback, no last-number fallback.
+      numeric=False (MATH): math-verify under a thin normalisation layer for its known misses
+      (thin spaces and {,} thousands separators, Unicode minus, \\fbox, text answers compared
+      as words rather than as products of symbols).
+  Every comparison runs in a worker process under a hard time limit (math-verify's own
+  signal-based timeout can hang and fails outside the main thread); on timeout the worker
+  is killed and restarted, the verdict is False and `TIMEOUTS` counts it.
+
+Run: python grader.py "\\boxed{2\\sqrt{2}}" "\\sqrt{8}"
+"""
+import json
+import re
+import subprocess
+import sys
+import threading
+from decimal import Decimal, InvalidOperation
+
+TIME_LIMIT = 5.0
+TIMEOUTS = 0
+OUTPUT_BLOCK = re.compile(r"```output\n.*?(```|$)", re.S)
+
+
+def extract_answer(text):
+    if text is None:
+        return None
+    text = OUTPUT_BLOCK.sub("", text)
+    best = None
+    for m in re.finditer(r"\\(boxed|fbox)\s*", text):
+        i = m.end()
+        if i < len(text) and text[i] == "{":
+            depth, j = 0, i
+            while j < len(text):
+                depth += {"{": 1, "}": -1}.get(text[j], 0)
+                if depth == 0:
+                    break
+                j += 1
+            best = text[i + 1:j].strip() if depth == 0 else None     # unbalanced: no answer
+        elif m.group(1) == "boxed" and text[m.start() + 6:m.end()].strip() == "" and m.end() > m.start() + 6:
+            tok = re.match(r"[^\s$]+", text[i:])                      # \boxed 5
+            best = tok.group(0).rstrip(".,") if tok else None
+    return best or None
+
+
+def normalize(s):
+    """String fixes applied before math-verify sees an answer."""
+    s = s.strip().strip("$").strip()
+    s = s.replace("\u2212", "-").replace("\\fbox", "\\boxed").replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac")
+    s = re.sub(r"(\d)\s*(\\,|\\!|\{,\}|\\ )\s*(?=\d{3})", r"\1", s)          # 1\,000 / 1{,}000
+    s = re.sub(r"(?<=\d),(?=\d{3}(\D|$))", "", s)                           # 1,000 (not 1,2)
+    s = re.sub(r"^\\text\{\s*(.*?)\s*\}$", r"\1", s)
+    s = re.sub(r"\\(left|right)", "", s)
+    s = re.sub(r"\\?%$", "", s)             # 50\% and 50 are one answer; never scaled by 100
+    return s
+
+
+def as_number(s):
+    """A plain number (Decimal) or None. Accepts $, commas, trailing units in \\text{}."""
+    s = normalize(s)
+    s = re.sub(r"\\text\{[^}]*\}|\\mbox\{[^}]*\}|\\\$|\$|\\%|%", "", s).replace(" ", "")
+    s = s.rstrip(".")
+    m = re.fullmatch(r"-?\d+(\.\d+)?", s)
+    if m:
+        return Decimal(s)
+    m = re.fullmatch(r"(-?)\\frac\{(-?\d+)\}\{(\d+)\}|(-?\d+)/(\d+)", s)
+    if m:
+        sign, a, b, c, d = m.groups()
+        num, den = (Decimal(a), Decimal(b)) if a else (Decimal(c), Decimal(d))
+        try:
+            return (-1 if sign else 1) * num / den
+        except InvalidOperation:
+            return None
+    return None
+
+
+def _is_words(s):
+    return re.fullmatch(r"[A-Za-z][A-Za-z ]*", s) is not None and len(s) > 1
+
+
+def _verify(pred, ref):
+    """math-verify on normalised strings (runs inside the worker)."""
+    from math_verify import parse, verify
+    p, r = normalize(pred), normalize(ref)
+    if p == r:
+        return True
+    if _is_words(p) or _is_words(r):          # math-verify reads "Evelyn" as E*e*l*n*v*y
+        return p.lower() == r.lower()
+    gold = parse("$" + r + "$", parsing_timeout=None)
+    target = parse("$" + p + "$", parsing_timeout=None)
+    return bool(gold and target and verify(gold, target, timeout_seconds=None))
+
+
+class _Worker:
+    def __init__(self):
+        self.proc = None
+        self.lock = threading.Lock()
+
+    def ask(self, pred, ref):
+        global TIMEOUTS
+        with self.lock:
+            if self.proc is None or self.proc.poll() is not None:
+                self.proc = subprocess.Popen([sys.executable, __file__, "--serve"], stdin=subprocess.PIPE,
+                                             stdout=subprocess.PIPE, text=True)
+            self.proc.stdin.write(json.dumps([pred, ref]) + "\n")
+            self.proc.stdin.flush()
+            line = [None]
+            reader = threading.Thread(target=lambda: line.__setitem__(0, self.proc.stdout.readline()))
+            reader.start()
+            reader.join(TIME_LIMIT)
+            if reader.is_alive() or not line[0]:
+                self.proc.kill()                  # math-verify hung: kill it, count it, say False
+                self.proc.wait()
+                reader.join()
+                self.proc = None
+                TIMEOUTS += 1
+                return False
+            return json.loads(line[0])
+
+
+_worker = _Worker()
+
+
+def is_equiv(pred, ref, numeric=False):
+    if pred is None or ref is None:
+        return False
+    pred, ref = str(pred), str(ref)
+    if numeric:
+        a, b = as_number(pred), as_number(ref)
+        if a is not None and b is not None:
+            return a == b
+        if b is not None and a is None and re.search(r"[a-zA-Z=]", normalize(pred).replace("\\frac", "")):
+            return False                          # words or an equation where a number is due
+    return _worker.ask(pred, ref)
+
+
+def serve():
+    import logging
+    import math_verify  # noqa: F401  (import once, before the first request)
+    logging.disable(logging.WARNING)          # it warns that we time out for it: we do
+    for line in sys.stdin:
+        pred, ref = json.loads(line)
+        try:
+            ok = _verify(pred, ref)
+        except Exception:
+            ok = False
+        sys.stdout.write(json.dumps(ok) + "\n")
+        sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] == ["--serve"]:
+        serve()
+    elif len(sys.argv) == 3:
+        p = extract_answer(sys.argv[1]) or sys.argv[1]
+        print(json.dumps({"extracted": p, "equiv": is_equiv(p, sys.argv[2])}))
+    else:
+        print(__doc__)

@@ -1,0 +1,77 @@
+"""The grader against a table of (prediction, reference, verdict) a careful human agrees with."""
+import pytest
+
+import grader
+
+EQUIV = [  # (pred, ref, numeric, verdict)
+    # fractions and decimals
+    ("\\frac{1}{2}", "0.5", False, True), ("\\dfrac{3}{4}", "\\frac34", False, True),
+    ("0.333", "\\frac{1}{3}", False, False), ("2/4", "\\frac{1}{2}", False, True),
+    # thousands separators
+    ("1,000", "1000", False, True), ("1{,}000", "1000", False, True), ("1\\,000", "1000", False, True),
+    ("1,2", "12", False, False),
+    # scientific notation
+    ("1.5\\times10^3", "1500", False, True), ("1.5 \\times 10^{3}", "1501", False, False),
+    # percent: equal to the number, never scaled by 100
+    ("50\\%", "50", False, True), ("100", "1", False, False), ("1", "100\\%", False, False),
+    # radicals
+    ("2\\sqrt{2}", "\\sqrt{8}", False, True), ("\\sqrt{2}", "2", False, False), ("\\frac{\\sqrt{3}}{2}", "\\frac{\\sqrt3}{2}", False, True),
+    # pi forms
+    ("2\\pi", "2 \\pi", False, True), ("\\pi", "3.14159", False, False), ("\\frac{\\pi}{2}", "\\pi/2", False, True),
+    # degrees and units
+    ("10^\\circ", "10", False, True), ("30^{\\circ}", "30", False, True), ("5\\text{ cm}", "5", False, True),
+    # text answers
+    ("\\text{Evelyn}", "Evelyn", False, True), ("Nevlye", "\\text{Evelyn}", False, False), ("\\text{(C)}", "(C)", False, True),
+    # sets and ordered tuples
+    ("\\{1,2\\}", "\\{2,1\\}", False, True), ("(1,2)", "(2,1)", False, False), ("(1, 2)", "(1,2)", False, True),
+    # intervals
+    ("[0,1)", "[0, 1)", False, True), ("(0,1]", "[0,1)", False, False), ("(-\\infty, 3]", "(-\\infty,3]", False, True),
+    # equations
+    ("x=3", "3", False, True), ("y = 2x + 1", "2x+1", False, True),
+    # matrices
+    ("\\begin{pmatrix}1\\\\2\\end{pmatrix}", "\\begin{pmatrix} 1 \\\\ 2 \\end{pmatrix}", False, True),
+    ("\\begin{pmatrix}1\\\\2\\end{pmatrix}", "\\begin{pmatrix}2\\\\1\\end{pmatrix}", False, False),
+    # complex numbers
+    ("3+4i", "4i+3", False, True), ("3-4i", "3+4i", False, False),
+    # Unicode minus, mixed numbers
+    ("\u22125", "-5", False, True), ("1\\frac{1}{2}", "\\frac{3}{2}", False, True),
+    # numeric mode (GSM8K / AIME / AMC): exact numbers
+    ("18.00", "18", True, True), ("033", "33", True, True), ("\\$18", "18", True, True), ("1,234", "1234", True, True),
+    ("18.5", "18", True, False), ("27", "27.0", True, True), ("100", "1", True, False), ("x = 18", "18", True, False),
+    ("\\frac{36}{2}", "18", True, True), ("17.999999", "18", True, False),
+]
+
+
+@pytest.mark.parametrize("pred,ref,numeric,verdict", EQUIV)
+def test_is_equiv(pred, ref, numeric, verdict):
+    assert grader.is_equiv(pred, ref, numeric=numeric) is verdict
+
+
+EXTRACT = [
+    ("so \\boxed{42}.", "42"),
+    ("\\boxed{\\frac{1}{2}}", "\\frac{1}{2}"),                       # nested braces
+    ("first \\boxed{1} then \\boxed{2}", "2"),                        # the last box wins
+    ("\\boxed{\\frac{1}{2}", None),                                   # unbalanced: no answer
+    ("the answer is \\boxed 5.", "5"),
+    ("\\fbox{7}", "7"),
+    ("no box here, the answer is 5", None),
+    ("\\boxed{3}\n```output\n\\boxed{99}\n```\n", "3"),               # never from execution output
+    ("maybe \\boxed{2} or \\boxed{3}?", "3"),                         # a hedged answer: the last one
+    ("\\boxed{\\text{(A)}}", "\\text{(A)}"),
+    ("\\boxed{}", None),
+]
+
+
+@pytest.mark.parametrize("text,answer", EXTRACT)
+def test_extract_answer(text, answer):
+    assert grader.extract_answer(text) == answer
+
+
+def test_hard_time_limit_kills_and_counts(monkeypatch):
+    monkeypatch.setattr(grader, "TIME_LIMIT", 0.5)
+    before = grader.TIMEOUTS
+    # a power tower that sympy tries to evaluate: it would run for minutes
+    slow = "2^{2^{2^{2^{2^{2}}}}}"
+    assert grader.is_equiv(slow, "1") is False
+    assert grader.TIMEOUTS == before + 1
+    assert grader.is_equiv("2", "2") is True                          # the worker came back
