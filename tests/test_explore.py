@@ -1,0 +1,52 @@
+"""The E-step's reference strategy and subsampling, and a tiny end-to-end exploration."""
+import random
+
+import pytest
+
+import explore as X
+
+
+def test_hardmax_picks_larger_pi_times_q():
+    s = X.reference_strategy({"cot": 0.8, "code": 0.2}, {"cot": 0.25, "code": 0.75}, "hardmax")
+    assert s == {"cot": 1.0, "code": 0.0}                     # 0.2 > 0.15
+    s = X.reference_strategy({"cot": 0.5, "code": 0.5}, {"cot": 0.25, "code": 0.75}, "hardmax")
+    assert s == {"cot": 0.0, "code": 1.0}
+    s = X.reference_strategy({"cot": 0.5, "code": 0.5}, {"cot": 0.5, "code": 0.5}, "hardmax")
+    assert s == {"cot": 1.0, "code": 0.0}                     # ties go to CoT
+
+
+def test_posterior_is_proportional():
+    s = X.reference_strategy({"cot": 0.6, "code": 0.4}, {"cot": 0.5, "code": 1.0}, "posterior")
+    assert s["code"] / s["cot"] == pytest.approx((0.4 * 1.0) / (0.6 * 0.5))
+    assert sum(s.values()) == pytest.approx(1.0)
+    assert X.reference_strategy({"cot": 0.5, "code": 0.5}, {"cot": 0, "code": 0}, "posterior") == {"cot": 0.5, "code": 0.5}
+
+
+def test_softmax_tends_to_hardmax_as_alpha_grows():
+    pi, q = {"cot": 0.7, "code": 0.3}, {"cot": 0.2, "code": 0.9}
+    hard = X.reference_strategy(pi, q, "hardmax")
+    gaps = [abs(X.reference_strategy(pi, q, "softmax", a)["code"] - hard["code"]) for a in (1, 10, 100, 1000)]
+    assert gaps == sorted(gaps, reverse=True) and gaps[-1] < 1e-6 and gaps[0] > 0.1
+
+
+def test_weighted_subsample_follows_weights():
+    rng = random.Random(0)
+    counts = [0] * 4
+    for _ in range(4000):
+        for i in X.weighted_subsample([0.1, 0.1, 0.4, 0.0], 1, rng):
+            counts[i] += 1
+    assert counts[3] == 0 and counts[2] / 4000 == pytest.approx(0.4 / 0.6, abs=0.03)
+    assert X.weighted_subsample([1, 0, 1], 5, rng) == [0, 2]
+
+
+def test_explore_tiny_end_to_end(tiny, tok):
+    import evaluate as E
+    problems = E.load_problems("builtin:train", limit=2)
+    recs = X.explore(tiny, tok, problems, k=2, native_k=2, max_new_tokens=6, progress=False)
+    assert len(recs) == 8 and sum(r["kept"] for r in recs) == 4
+    for r in recs:
+        assert set(r["s_star"]) == {"cot", "code"} and r["reward"] in (0.0, 1.0)
+        assert len(r["response_ids"]) == len(r["sampled"]) == len(r["behaviour_logprobs"])
+        assert r["response"].startswith(r["prefix"].rstrip("\n")[:10])
+    pri = X.explore(tiny, tok, problems[:1], k=1, prior="prefix", max_new_tokens=4, progress=False)[0]["prior"]
+    assert sum(pri.values()) == pytest.approx(1.0) and 0 < pri["code"] < 1
