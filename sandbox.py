@@ -17,10 +17,10 @@ How it works. A pool of pre-warmed server processes ("zygotes") is started once,
 scrubbed environment and numpy + sympy already imported. For each request a zygote forks:
   G  a supervisor outside any namespace, which calls unshare(CLONE_NEWPID) and forks
   R  PID 1 of a new PID namespace; it enters new mount and network namespaces, remounts every
-     filesystem read-only, mounts a fresh /proc and fresh tmpfs on /tmp, /var/tmp, /dev/shm,
-     and forks
-  W  the worker: its own session, resource limits, no capabilities, cwd = the fresh /tmp,
-     stdin empty; it runs the cells.
+     filesystem read-only, mounts a fresh /proc and a private tmpfs on an empty scratch
+     directory and on /dev/shm, and forks
+  W  the worker: its own session, resource limits, no capabilities, cwd = HOME = TMPDIR =
+     the scratch tmpfs, stdin empty; it runs the cells.
 The zygote enforces the wall-clock limit per cell from outside and SIGKILLs R on timeout;
 when R (PID 1) dies the kernel kills everything left in its namespace: children, fork
 trees, setsid daemons. Nothing a cell writes outlives the call (tmpfs in a private mount
@@ -126,8 +126,9 @@ def _mount_points():
         return [line.split()[4] for line in f]
 
 
-def _private_filesystem(tmpfs_mb):
-    """In a new mount namespace: everything read-only, fresh /proc, private tmpfs scratch."""
+def _private_filesystem(tmpfs_mb, scratch):
+    """In a new mount namespace: everything read-only, a fresh /proc, and private tmpfs on the
+    (empty) scratch directory and /dev/shm: the only places a cell can write."""
     _mount(None, "/", None, MS_REC | MS_PRIVATE)
     for point in sorted(_mount_points(), key=len, reverse=True):
         if point.startswith("/proc"):
@@ -137,7 +138,7 @@ def _private_filesystem(tmpfs_mb):
         except OSError:
             pass                                    # e.g. already read-only with locked flags
     _mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
-    for point in ("/tmp", "/var/tmp", "/dev/shm"):
+    for point in (scratch, "/dev/shm"):       # not /tmp itself: the interpreter may live there
         if os.path.isdir(point):
             _mount("tmpfs", point, "tmpfs", MS_NOSUID | MS_NODEV, f"size={tmpfs_mb}m,mode=1777")
 
@@ -154,9 +155,9 @@ def _worker(req, status_w, out_w, isolated, scratch):
     _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     null = os.open(os.devnull, os.O_RDWR)
     os.dup2(null, 0)
-    os.chdir("/tmp" if isolated else scratch)
+    os.chdir(scratch)
     os.environ.clear()
-    os.environ.update(SAFE_ENV)
+    os.environ.update(SAFE_ENV, HOME=scratch, TMPDIR=scratch)
     mb = 1 << 20
     _limit(resource.RLIMIT_AS, req["memory_mb"] * mb)
     _limit(resource.RLIMIT_FSIZE, req["file_mb"] * mb)
@@ -246,7 +247,7 @@ def _init_process(sb):
     _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     if sb.isolated:
         _check(_libc.unshare(CLONE_NEWNS | CLONE_NEWNET), "unshare(mount, net)")
-        _private_filesystem(sb.tmpfs_mb)
+        _private_filesystem(sb.tmpfs_mb, sb.scratch)
     with os.fdopen(sb.req_r) as f:
         req = json.loads(f.readline() or "null")
     if req is None:                                   # the zygote discarded this sandbox
@@ -289,7 +290,7 @@ class _Prepared:
         self.status_r, self.status_w = os.pipe()
         self.out_r, self.out_w = os.pipe()
         self.req_r, self.req_w = os.pipe()
-        self.scratch = None if isolated else tempfile.mkdtemp(prefix="sandbox-")
+        self.scratch = tempfile.mkdtemp(prefix="sandbox-")   # tmpfs is mounted on it when isolated
         self.g = os.fork()
         if self.g == 0:
             try:
@@ -415,6 +416,7 @@ def _isolation_available():
     """Probe once: can this process build the namespaces? (fork, try, report)"""
     if os.geteuid() != 0:
         return False
+    scratch = tempfile.mkdtemp(prefix="sandbox-probe-")
     pid = os.fork()
     if pid == 0:
         try:
@@ -423,7 +425,7 @@ def _isolation_available():
             if inner == 0:
                 try:
                     _check(_libc.unshare(CLONE_NEWNS | CLONE_NEWNET), "ns")
-                    _private_filesystem(1)
+                    _private_filesystem(1, scratch)
                     os._exit(0)
                 except BaseException:
                     os._exit(1)
@@ -432,6 +434,7 @@ def _isolation_available():
         except BaseException:
             os._exit(1)
     _, status = os.waitpid(pid, 0)
+    os.rmdir(scratch)
     return os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
 
 
@@ -462,6 +465,7 @@ def serve():
         out.write(json.dumps(res) + "\n")
         out.flush()
         ready = _Prepared(isolated, req["tmpfs_mb"])  # the next one is built while we wait
+    ready.discard()                                   # stdin closed: leave nothing behind
 
 
 # ---------------------------------------------------------------------------------------
@@ -490,10 +494,11 @@ class _Zygote:
 
     def close(self):
         try:
+            self.proc.stdin.close()                   # the zygote cleans up and exits
+            self.proc.wait(timeout=2)
+        except (OSError, subprocess.TimeoutExpired):
             self.proc.kill()
             self.proc.wait()
-        except OSError:
-            pass
 
 
 _idle: queue.Queue = queue.Queue()
