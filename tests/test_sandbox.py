@@ -38,7 +38,11 @@ def leftovers(before):
         allowed = {z.proc.pid for z in sandbox._all}
         for _ in range(2):   # zygote -> G -> R
             allowed |= {p for p, pp in ppid.items() if pp in allowed}
-        extra = {p for p in set(ppid) - before - allowed if os.path.exists(f"/proc/{p}") and p != os.getpid()}
+        # ours: below a zygote, or orphans handed to init; unrelated machine activity is not
+        ours = set(allowed)
+        for _ in range(8):
+            ours |= {p for p, pp in ppid.items() if pp in ours or pp in (0, 1)}
+        extra = {p for p in (ours & set(ppid)) - before - allowed if os.path.exists(f"/proc/{p}")}
         if not extra:
             return extra
     return {p: (ppid.get(p), open(f"/proc/{p}/stat").read()[:60]) for p in extra if os.path.exists(f"/proc/{p}")}
