@@ -1,47 +1,398 @@
-"""em_train.py -- the AutoCode EM loop (paper section 2): E-step in explore.py, M-step here.
+"""em_train.py -- the AutoCode EM loop: E-step (explore.py), then an off-policy M-step.
 
-STATUS: the M-step (the off-policy loss, checkpoints, --resume, the rl/sft baselines) is not
-written yet; see issue "explore.py + em_train.py". Until it lands, this script runs one
-E-step on the built-in task and prints what the M-step would train on, so that
-`python em_train.py` does something useful and shows the exploration data end to end.
+Each iteration (paper section 2, "M-step" and "loop"):
+  1. Draw `--queries-per-iter` queries x from the training data.
+  2. E-step (explore.explore): K prefix-forced rollouts per decision c, q_hat(x,c), pi(c|x),
+     s_star(c|x), and the subsample D drawn with weights s_star. The policy that sampled D
+     is frozen: its per-token behaviour log-probs pi_old were recorded while sampling.
+  3. M-step, `--epochs` passes over D, minimising
 
-Run:  python em_train.py                    # embedded SmolLM2-135M, 4 queries, K=2 per decision
-      python em_train.py --model tiny       # seconds
+        L = - E_D[ clip(ratio, 1 - eps, 1 + eps) * A ]  -  lambda * E_{c ~ s_star}[ log pi_theta(c | x) ]
+
+     ratio = pi_theta(y_t | ...) / pi_old(y_t | ...) on the tokens the model sampled (prompt,
+     forced prefix and execution output are masked out); A = the rewards of one query's
+     rollouts whitened by their mean and std (all-equal rewards give A = 0); log pi(c|x) =
+     the log-probability of decision c's prefix, the decision-alignment term.
+     This is a bare clip of the ratio times A, as transcribed from the paper, not PPO's min.
+  4. Log one JSON line of metrics, evaluate every `--eval-every`, checkpoint atomically.
+
+Baselines, one flag away (`--algo`), each sampling the same number of rollouts per query (2K):
+  em   the above (default)
+  rl   the paper's "standard RL": the same ratio term on 2K native (unforced) rollouts; no
+       E-step, no decision term
+  sft  rejection-sampled fine-tuning: negative log-likelihood of the successful prefix-forced
+       rollouts (prefix and sampled tokens; execution output masked)
+
+Choices the paper leaves open (flags): `--is-mode surrogate` (gradient through the clipped
+ratio: zero outside the clip range) or `weighted_nll` (stop-gradient clipped ratio times
+log pi); `--ratio token|sequence`; `--adv whiten|raw`; whitening statistics are taken over all
+2K rollouts of the query (the E-step's estimate), not only the kept ones; `--decision-coef`
+(lambda) 1; `--kl-coef` 0 (k3 estimate against pi_old, if set); AdamW, lr 1e-6, grad-norm
+clip 1.0; sampling temperature 1.0, which the loss also uses so that ratio = 1 on-policy.
+
+Run:  python em_train.py                                     # SmolLM2-135M, built-in task, CPU
+      python em_train.py --model tiny --iterations 2        # the whole loop in about a minute
+      python em_train.py --model Qwen2.5-0.5B --data ../shared/data/gsm8k_train.jsonl --eval-data builtin:test
+      python em_train.py --out runs/em --resume             # continue a killed run
+Outputs under --out: metrics.jsonl, explore-iter{N}.jsonl, eval-iter{N}/, checkpoint/.
 """
 import argparse
+import json
+import math
 import os
+import random
+import shutil
+import sys
+import time
 
+import numpy as np
 import torch
+from tqdm import tqdm
 
 import evaluate as E
 import explore as X
 import model as M
 
 
-def main():
+# ---------------------------------------------------------------------------------------
+# Advantages and the loss
+# ---------------------------------------------------------------------------------------
+def whiten(rewards, eps=1e-6):
+    """A_i = (r_i - mean) / (std + eps) within one query's group; all-equal rewards give 0."""
+    r = torch.tensor(rewards, dtype=torch.float64)
+    return ((r - r.mean()) / (r.std(unbiased=False) + eps)).tolist()
+
+
+def ratio_term(logp, old, sampled, adv, clip_eps=0.2, is_mode="surrogate", ratio="token"):
+    """-clip(ratio, 1-eps, 1+eps) * A for a micro-batch, summed, with stats.
+
+    logp: list of [R_i] teacher-forced log-probs (with grad); old: list of [R_i] behaviour
+    log-probs; sampled: list of [R_i] bool masks; adv: list of floats. Returns (sum over the
+    aggregation units, number of units, stats dict) so callers can average across micro-batches.
+    """
+    total, units = 0.0, 0
+    ratios, clipped = [], 0
+    for lp, lo, m, a in zip(logp, old, sampled, adv):
+        lp, lo = lp[m], lo[m]
+        if lp.numel() == 0:
+            continue
+        if ratio == "token":
+            rho = torch.exp(lp - lo)
+            units_i = lp.numel()
+        else:
+            rho = torch.exp((lp - lo).sum()).reshape(1)
+            units_i = 1
+        rho_c = rho.clamp(1 - clip_eps, 1 + clip_eps)
+        if is_mode == "surrogate":
+            term = -(rho_c * a)
+        else:
+            term = -(rho_c.detach() * a) * (lp if ratio == "token" else lp.sum().reshape(1))
+        total = total + term.sum()
+        units += units_i
+        ratios.append(rho.detach())
+        clipped += int(((rho.detach() < 1 - clip_eps) | (rho.detach() > 1 + clip_eps)).sum())
+    allr = torch.cat(ratios) if ratios else torch.ones(1)
+    return total, units, {"ratio_mean": float(allr.mean()), "ratio_max": float(allr.max()),
+                          "clipped": clipped, "ratio_n": int(allr.numel())}
+
+
+def kl_term(logp, old, sampled):
+    """k3 estimate of KL(pi_old || pi_theta) on sampled tokens, summed; and its token count."""
+    total, n = 0.0, 0
+    for lp, lo, m in zip(logp, old, sampled):
+        d = lo[m] - lp[m]
+        total = total + (torch.exp(d) - d - 1).sum()
+        n += int(m.sum())
+    return total, n
+
+
+def decision_term(model, prompts, prefixes, s_star, temperature=1.0):
+    """-sum_c s_star(c|x) * log pi_theta(prefix_c | x), summed over the given queries."""
+    cs = list(prefixes)
+    lps = M.sequence_logprobs(model, [p for p in prompts for _ in cs], [prefixes[c] for _ in prompts for c in cs],
+                              temperature)
+    total = 0.0
+    for qi, s in enumerate(s_star):
+        for ci, c in enumerate(cs):
+            total = total - s[c] * lps[qi * len(cs) + ci].sum()
+    return total
+
+
+# ---------------------------------------------------------------------------------------
+# Data for the M-step
+# ---------------------------------------------------------------------------------------
+def training_data(algo, records, adv_mode):
+    """Turn rollout records into M-step items: tokens, masks, behaviour log-probs, A."""
+    groups = {}
+    for r in records:
+        groups.setdefault(r["query_id"], []).append(r)
+    items = []
+    for qid, rs in groups.items():
+        adv = whiten([r["reward"] for r in rs]) if adv_mode == "whiten" else [r["reward"] for r in rs]
+        for r, a in zip(rs, adv):
+            if algo == "em" and not r["kept"]:
+                continue
+            if algo == "sft" and r["reward"] < 1:
+                continue
+            train_mask = list(r["sampled"])
+            if algo == "sft":              # imitate the decision prefix too
+                train_mask = [m or i < r["n_prefix"] for i, m in enumerate(r["sampled"])]
+            items.append({"query_id": qid, "prompt_ids": r["prompt_ids"], "response_ids": r["response_ids"],
+                          "mask": train_mask, "old": r["behaviour_logprobs"], "adv": a})
+    return items
+
+
+def native_records(model, tok, problems, n, args, seed):
+    """The `rl` baseline's data: n unforced rollouts per query, graded."""
+    prompts = [M.chat_prompt(tok, p["question"], E.MODES["autonomous"]["instruction"]) for p in problems]
+    jobs = [qi for qi in range(len(problems)) for _ in range(n)]
+    records = []
+    for start in tqdm(range(0, len(jobs), args.sample_batch), desc="rollouts", unit="batch"):
+        part = jobs[start:start + args.sample_batch]
+        outs = M.sample(model, tok, [prompts[qi] for qi in part], max_new_tokens=args.max_new_tokens,
+                        temperature=args.temperature, seed=seed * 100003 + start)
+        for qi, o in zip(part, outs):
+            p = problems[qi]
+            records.append({"query_id": p["id"], "query": p["question"], "answer": p["answer"], "decision": "native",
+                            "response": o.text, "reward": float(E.grade(p, o.text)[1]), "kept": True,
+                            "code_calls": len(o.code_calls), "prompt_ids": o.prompt_ids,
+                            "response_ids": o.response_ids, "sampled": o.sampled, "n_prefix": 0,
+                            "behaviour_logprobs": o.logprobs})
+    return records
+
+
+# ---------------------------------------------------------------------------------------
+# The M-step
+# ---------------------------------------------------------------------------------------
+def m_step(model, tok, opt, items, records, args, rng):
+    """`--epochs` passes over the items; returns averaged loss terms and optimiser stats."""
+    model.train()
+    prefixes = {c: tok(p, add_special_tokens=False).input_ids
+                for c, p in (("cot", args.cot_prefix), ("code", args.code_prefix))}
+    s_star = {r["query_id"]: r["s_star"] for r in records if "s_star" in r}
+    prompt_of = {r["query_id"]: r["prompt_ids"] for r in records}
+    stats = {"loss_ratio": [], "loss_decision": [], "loss_kl": [], "loss_sft": [], "grad_norm": [],
+             "ratio_mean": [], "ratio_max": [], "clipped": 0, "ratio_n": 0}
+    step_size = args.batch_size * args.grad_accum
+    for epoch in range(args.epochs):
+        order = list(range(len(items)))
+        rng.shuffle(order)
+        for start in range(0, len(order), step_size):
+            opt.zero_grad(set_to_none=True)
+            step = [items[i] for i in order[start:start + step_size]]
+            # every term is normalised by the whole optimiser step, so micro-batches just add up
+            n_units = sum((sum(it["mask"]) if args.ratio == "token" or args.algo == "sft" else 1) for it in step)
+            n_queries = len({it["query_id"] for it in step})
+            terms = {"loss_ratio": 0.0, "loss_decision": 0.0, "loss_kl": 0.0, "loss_sft": 0.0}
+            for j in range(0, len(step), args.batch_size):
+                mb = step[j:j + args.batch_size]
+                logp = M.sequence_logprobs(model, [it["prompt_ids"] for it in mb], [it["response_ids"] for it in mb],
+                                           args.temperature)
+                masks = [torch.tensor(it["mask"], dtype=torch.bool) for it in mb]
+                old = [torch.tensor(it["old"], dtype=torch.float32) for it in mb]
+                if args.algo == "sft":
+                    loss = -sum(lp[m].sum() for lp, m in zip(logp, masks)) / max(1, n_units)
+                    terms["loss_sft"] += loss.item()
+                else:
+                    total, _, st = ratio_term(logp, old, masks, [it["adv"] for it in mb], args.clip_eps,
+                                              args.is_mode, args.ratio)
+                    loss = total / max(1, n_units)
+                    terms["loss_ratio"] += loss.item()
+                    stats["ratio_mean"].append(st["ratio_mean"])
+                    stats["ratio_max"].append(st["ratio_max"])
+                    stats["clipped"] += st["clipped"]
+                    stats["ratio_n"] += st["ratio_n"]
+                    if args.kl_coef:
+                        kl, n = kl_term(logp, old, masks)
+                        loss = loss + args.kl_coef * kl / max(1, sum(sum(it["mask"]) for it in step))
+                        terms["loss_kl"] += kl.item() / max(1, sum(sum(it["mask"]) for it in step))
+                    if args.algo == "em" and args.decision_coef:
+                        qids = list(dict.fromkeys(it["query_id"] for it in mb))
+                        d = decision_term(model, [prompt_of[q] for q in qids], prefixes, [s_star[q] for q in qids],
+                                          args.temperature) * args.decision_coef / n_queries
+                        loss = loss + d
+                        terms["loss_decision"] += d.item()
+                loss.backward()
+            for k, v in terms.items():
+                stats[k].append(v)
+            stats["grad_norm"].append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)))
+            opt.step()
+    model.eval()
+    mean = lambda v: sum(v) / len(v) if v else None  # noqa: E731
+    terms = ["loss_sft"] if args.algo == "sft" else ["loss_ratio"]
+    terms += ["loss_decision"] * (args.algo == "em" and bool(args.decision_coef)) + ["loss_kl"] * bool(args.kl_coef)
+    used = {k: mean(stats[k]) for k in terms}
+    return {**used,
+            "ratio_mean": mean(stats["ratio_mean"]), "ratio_max": max(stats["ratio_max"], default=None),
+            "clip_frac": stats["clipped"] / stats["ratio_n"] if stats["ratio_n"] else None,
+            "grad_norm": mean(stats["grad_norm"]), "optimizer_steps": len(stats["grad_norm"])}
+
+
+# ---------------------------------------------------------------------------------------
+# Checkpoints: atomic save, exact resume
+# ---------------------------------------------------------------------------------------
+def save_checkpoint(out, model, tok, opt, iteration):
+    final, tmp, old = (os.path.join(out, n) for n in ("checkpoint", "checkpoint.tmp", "checkpoint.old"))
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    torch.save({"optimizer": opt.state_dict(), "iteration": iteration,
+                "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}},
+               os.path.join(tmp, "trainer_state.pt"))
+    if os.path.isdir(final):
+        shutil.rmtree(old, ignore_errors=True)
+        os.rename(final, old)
+    os.rename(tmp, final)                     # a kill before this line leaves checkpoint.old
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def find_checkpoint(out):
+    for name in ("checkpoint", "checkpoint.old"):
+        path = os.path.join(out, name)
+        if os.path.exists(os.path.join(path, "trainer_state.pt")):
+            return path
+    return None
+
+
+def append_metrics(path, row, keep_until=None):
+    """Append one JSON line; with keep_until, first drop lines past that iteration (resume)."""
+    if keep_until is not None and os.path.exists(path):
+        rows = [json.loads(x) for x in open(path) if x.strip()]
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            for r in rows:
+                if r["iteration"] <= keep_until:
+                    f.write(json.dumps(r) + "\n")
+        os.replace(tmp, path)
+    if row is not None:
+        with open(path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+# ---------------------------------------------------------------------------------------
+# The loop
+# ---------------------------------------------------------------------------------------
+def evaluate_iteration(model, tok, args, iteration):
+    problems = E.load_problems(args.eval_data, args.eval_n)
+    out = os.path.join(args.out, f"eval-iter{iteration}")
+    records, _ = E.run(model, tok, problems, args.eval_modes, out, max_new_tokens=args.max_new_tokens,
+                       batch_size=args.sample_batch, progress=False)
+    s = E.summarize(records, args.eval_modes)
+    row = {f"eval_acc_{m}": s[m]["accuracy"] for m in args.eval_modes if m in s}
+    if "autonomous" in s:
+        row["eval_code_rate"] = s["autonomous"]["code_rate"]
+    if "selection_accuracy" in s:
+        row["eval_selection_acc"] = s["selection_accuracy"]["value"]
+    return row
+
+
+def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--algo", default="em", choices=["em", "rl", "sft"])
     ap.add_argument("--model", default=M.DEFAULT_MODEL)
     ap.add_argument("--dtype", default="fp32", choices=list(M.DTYPES))
+    ap.add_argument("--device", default=None)
     ap.add_argument("--data", default="builtin:train")
-    ap.add_argument("--queries-per-iter", type=int, default=4)
+    ap.add_argument("--train-size", type=int, default=2000, help="queries drawn from (built-in task size)")
+    ap.add_argument("--iterations", type=int, default=3)
+    ap.add_argument("--queries-per-iter", type=int, default=12)
+    ap.add_argument("--epochs", type=int, default=1)
+    ap.add_argument("--lr", type=float, default=1e-6)
+    ap.add_argument("--batch-size", type=int, default=4, help="sequences per forward (micro-batch)")
+    ap.add_argument("--grad-accum", type=int, default=4, help="micro-batches per optimizer step")
+    ap.add_argument("--max-grad-norm", type=float, default=1.0)
+    ap.add_argument("--clip-eps", type=float, default=0.2)
+    ap.add_argument("--decision-coef", type=float, default=1.0, help="lambda")
+    ap.add_argument("--is-mode", default="surrogate", choices=["surrogate", "weighted_nll"])
+    ap.add_argument("--ratio", default="token", choices=["token", "sequence"])
+    ap.add_argument("--adv", default="whiten", choices=["whiten", "raw"])
+    ap.add_argument("--kl-coef", type=float, default=0.0)
+    ap.add_argument("--sample-batch", type=int, default=32, help="rollouts sampled together")
+    ap.add_argument("--eval-every", type=int, default=1)
+    ap.add_argument("--eval-data", default=None, help="default builtin:test when --data is builtin")
+    ap.add_argument("--eval-n", type=int, default=16)
+    ap.add_argument("--eval-modes", nargs="+", default=list(E.MODES), choices=list(E.MODES))
     ap.add_argument("--out", default="runs/em")
+    ap.add_argument("--resume", action="store_true")
     X.add_args(ap)
-    ap.set_defaults(k=2, max_new_tokens=192)
-    args = ap.parse_args()
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    model, tok = M.load_model(args.model, args.dtype, device)
-    problems = E.load_problems(args.data, args.queries_per_iter, args.seed, shuffle=True)
-    records = X.explore(model, tok, problems, args.k, args.native_k, args.estep, args.alpha, args.prior, args.keep,
-                        {"cot": args.cot_prefix, "code": args.code_prefix}, args.max_new_tokens,
-                        args.temperature, args.seed)
+    ap.set_defaults(max_new_tokens=256)
+    args = ap.parse_args(argv)
+    if args.eval_data is None and args.data.startswith("builtin"):
+        args.eval_data = "builtin:test"
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, "explore-iter0.jsonl")
-    X.write_jsonl_atomic(path, records)
-    kept = [r for r in records if r["kept"]]
-    print(f"E-step: {len(records)} rollouts over {len(problems)} queries, mean reward "
-          f"{sum(r['reward'] for r in records) / len(records):.3f}; {len(kept)} kept for the M-step "
-          f"({sum(r['decision'] == 'code' for r in kept)} code, {sum(r['decision'] == 'cot' for r in kept)} CoT)")
-    print(f"exploration data -> {path}  (M-step: not implemented yet)")
+    metrics_path = os.path.join(args.out, "metrics.jsonl")
+    start_iter = 1
+    ckpt = find_checkpoint(args.out) if args.resume else None
+    if args.resume and ckpt is None:
+        print(f"[em] --resume: no checkpoint under {args.out}; starting from {args.model}", file=sys.stderr)
+    model, tok = M.load_model(ckpt or args.model, args.dtype, device)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
+    if ckpt:
+        state = torch.load(os.path.join(ckpt, "trainer_state.pt"), weights_only=False)
+        opt.load_state_dict(state["optimizer"])
+        random.setstate(state["rng"]["python"])
+        np.random.set_state(state["rng"]["numpy"])
+        torch.set_rng_state(state["rng"]["torch"])
+        start_iter = state["iteration"] + 1
+        append_metrics(metrics_path, None, keep_until=state["iteration"])
+        print(f"[em] resumed from {ckpt} after iteration {state['iteration']}", file=sys.stderr)
+    elif not args.resume and os.path.exists(metrics_path):
+        os.remove(metrics_path)
+    pool = E.load_problems(args.data, args.train_size if args.data.startswith("builtin") else None)
+    for it in range(start_iter, args.iterations + 1):
+        t0 = time.time()
+        seed = args.seed * 1000 + it                  # everything an iteration draws derives from this
+        rng = random.Random(seed)
+        problems = rng.sample(pool, min(args.queries_per_iter, len(pool)))
+        if args.algo == "rl":
+            records = native_records(model, tok, problems, 2 * args.k, args, seed)
+        else:
+            records = X.explore(model, tok, problems, args.k, args.native_k, args.estep, args.alpha, args.prior,
+                                args.keep, {"cot": args.cot_prefix, "code": args.code_prefix}, args.max_new_tokens,
+                                args.temperature, seed, args.sample_batch)
+        t_sample = time.time() - t0
+        X.write_jsonl_atomic(os.path.join(args.out, f"explore-iter{it}.jsonl"), records)
+        items = training_data(args.algo, records, args.adv)
+        t1 = time.time()
+        losses = m_step(model, tok, opt, items, records, args, rng) if items else {}
+        t_train = time.time() - t1
+        sampled = sum(sum(r["sampled"]) for r in records)
+        by_q = {r["query_id"]: r for r in records}
+        row = {"iteration": it, "algo": args.algo, "queries": len(problems), "rollouts": len(records),
+               "trained_on": len(items), "reward_mean": sum(r["reward"] for r in records) / len(records),
+               "q_hat_cot": _mean(r["q_hat"]["cot"] for r in by_q.values() if "q_hat" in r),
+               "q_hat_code": _mean(r["q_hat"]["code"] for r in by_q.values() if "q_hat" in r),
+               "s_star_code": _mean(r["s_star"]["code"] for r in by_q.values() if "s_star" in r),
+               "native_code_rate": _mean(r["native_code_rate"] for r in by_q.values()
+                                         if r.get("native_code_rate") is not None)
+               if args.algo != "rl" else _mean(float(r["code_calls"] > 0) for r in records),
+               **losses, "sample_tokens_per_s": sampled / t_sample if t_sample else None,
+               "sample_s": t_sample, "train_s": t_train}
+        if args.eval_data and args.eval_every and it % args.eval_every == 0:
+            row.update(evaluate_iteration(model, tok, args, it))
+        row["seconds"] = time.time() - t0
+        save_checkpoint(args.out, model, tok, opt, it)
+        append_metrics(metrics_path, row)
+        print(f"[em] iter {it}/{args.iterations} reward {row['reward_mean']:.3f} "
+              f"q_hat cot/code {_fmt(row['q_hat_cot'])}/{_fmt(row['q_hat_code'])} s*(code) {_fmt(row['s_star_code'])} "
+              f"loss {_fmt(row.get('loss_ratio', row.get('loss_sft')))} ratio max {_fmt(row.get('ratio_max'))} "
+              f"eval {_fmt(row.get('eval_acc_autonomous'))} {row['seconds']:.0f}s")
+    return metrics_path
+
+
+def _mean(values):
+    v = list(values)
+    return sum(v) / len(v) if v else None
+
+
+def _fmt(x):
+    return "-" if x is None else f"{x:.3f}"
 
 
 if __name__ == "__main__":

@@ -72,31 +72,41 @@ def prefix_prior(model, tok, prompt, prefixes):
 
 
 def explore(model, tok, problems, k=4, native_k=0, estep="softmax", alpha=5.0, prior="native", keep=None,
-            prefixes_text=None, max_new_tokens=384, temperature=1.0, seed=0, progress=True):
-    """Run the E-step over `problems`; return one record per rollout (see the docstring)."""
+            prefixes_text=None, max_new_tokens=384, temperature=1.0, seed=0, batch_size=32, progress=True):
+    """Run the E-step over `problems`; return one record per rollout (see the docstring).
+    Rollouts of all queries for one decision are sampled together, `batch_size` at a time."""
     prefixes_text = prefixes_text or {c: E.MODES[c]["prefix"] for c in DECISIONS}
     prefixes = {c: tok(prefixes_text[c], add_special_tokens=False).input_ids for c in DECISIONS}
     instruction = E.MODES["autonomous"]["instruction"]
+    prompts = [M.chat_prompt(tok, p["question"], instruction) for p in problems]
     keep = keep or k
     rng = random.Random(seed)
+    jobs = [(c, qi) for c in DECISIONS for qi in range(len(problems)) for _ in range(k)]
+    jobs += [("native", qi) for qi in range(len(problems)) for _ in range(native_k)]
+    rollouts = {}
+    bar = tqdm(total=len(jobs), desc="E-step", disable=not progress, unit="rollout")
+    for start in range(0, len(jobs), batch_size):
+        chunk = jobs[start:start + batch_size]
+        for c in dict.fromkeys(c for c, _ in chunk):
+            part = [qi for d, qi in chunk if d == c]
+            outs = M.sample(model, tok, [prompts[qi] for qi in part],
+                            [prefixes[c] if c in prefixes else [] for _ in part], max_new_tokens=max_new_tokens,
+                            temperature=temperature, seed=seed * 100003 + start, code=(c != "cot"))
+            for qi, o in zip(part, outs):
+                rollouts.setdefault((c, qi), []).append(o)
+            bar.update(len(part))
+    bar.close()
     records = []
-    for qi, p in enumerate(tqdm(problems, desc="E-step", disable=not progress, unit="query")):
-        prompt = M.chat_prompt(tok, p["question"], instruction)
-        pool = []
-        for ci, c in enumerate(DECISIONS):
-            outs = M.sample(model, tok, [prompt] * k, [prefixes[c]] * k, max_new_tokens=max_new_tokens,
-                            temperature=temperature, seed=seed * 100003 + qi * 7 + ci, code=(c == "code"))
-            pool += [(c, o) for o in outs]
-        native = []
-        if native_k:
-            native = M.sample(model, tok, [prompt] * native_k, max_new_tokens=max_new_tokens, temperature=temperature,
-                              seed=seed * 100003 + qi * 7 + 5)
+    for qi, p in enumerate(problems):
+        pool = [(c, o) for c in DECISIONS for o in rollouts[(c, qi)]]
+        native = rollouts.get(("native", qi), [])
         rewards = [float(E.grade(p, o.text)[1]) for _, o in pool]
         q_hat = {c: sum(r for (d, _), r in zip(pool, rewards) if d == c) / k for c in DECISIONS}
+        native_rate = sum(bool(o.code_calls) for o in native) / len(native) if native else None
         if prior == "prefix":
-            pi = prefix_prior(model, tok, prompt, prefixes)
+            pi = prefix_prior(model, tok, prompts[qi], prefixes)
         else:
-            rate = sum(bool(o.code_calls) for o in native) / len(native) if native else 0.5
+            rate = native_rate if native_rate is not None else 0.5
             pi = {"cot": 1.0 - rate, "code": rate}
         s_star = reference_strategy(pi, q_hat, estep, alpha)
         kept = set(weighted_subsample([s_star[c] / k for c, _ in pool], keep, rng))
@@ -105,9 +115,8 @@ def explore(model, tok, problems, k=4, native_k=0, estep="softmax", alpha=5.0, p
                 "query_id": p["id"], "query": p["question"], "answer": p["answer"], "decision": c,
                 "prefix": prefixes_text[c], "response": o.text, "reward": r, "q_hat": q_hat, "prior": pi,
                 "s_star": s_star, "kept": j in kept, "code_calls": len(o.code_calls),
-                "native_code_rate": (sum(bool(x.code_calls) for x in native) / len(native)) if native else None,
-                "prompt_ids": o.prompt_ids, "response_ids": o.response_ids, "sampled": o.sampled,
-                "n_prefix": o.n_prefix, "behaviour_logprobs": o.logprobs})
+                "native_code_rate": native_rate, "prompt_ids": o.prompt_ids, "response_ids": o.response_ids,
+                "sampled": o.sampled, "n_prefix": o.n_prefix, "behaviour_logprobs": o.logprobs})
     return records
 
 
