@@ -150,14 +150,24 @@ def _limit(name, value):
     resource.setrlimit(name, (value, value))
 
 
-def _worker(req, status_w, out_w, isolated, scratch):
+def _worker(sb):
+    """W: set up everything that does not depend on the request, then block until it comes,
+    so a request costs no fork at all."""
     os.setsid()
     _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     null = os.open(os.devnull, os.O_RDWR)
     os.dup2(null, 0)
-    os.chdir(scratch)
+    os.chdir(sb.scratch)
     os.environ.clear()
-    os.environ.update(SAFE_ENV, HOME=scratch, TMPDIR=scratch)
+    os.environ.update(SAFE_ENV, HOME=sb.scratch, TMPDIR=sb.scratch)
+    if sb.isolated:
+        _drop_capabilities()
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)        # oversized writes raise OSError instead
+    sys.set_int_max_str_digits(0)
+    with os.fdopen(sb.req_r) as f:
+        req = json.loads(f.readline() or "null")
+    if req is None:                                   # the zygote discarded this sandbox
+        os._exit(0)
     mb = 1 << 20
     _limit(resource.RLIMIT_AS, req["memory_mb"] * mb)
     _limit(resource.RLIMIT_FSIZE, req["file_mb"] * mb)
@@ -165,10 +175,7 @@ def _worker(req, status_w, out_w, isolated, scratch):
     _limit(resource.RLIMIT_CORE, 0)
     _limit(resource.RLIMIT_CPU, int(req["timeout"] * len(req["cells"])) + 2)
     _limit(resource.RLIMIT_NPROC, req["max_procs"])   # root ignores it: see the docstring
-    if isolated:
-        _drop_capabilities()
-    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)        # oversized writes raise OSError instead
-    sys.set_int_max_str_digits(0)
+    status_w, out_w = sb.status_w, sb.out_w
     status = os.fdopen(status_w, "w", buffering=1)
     scope = {"__name__": "__main__", "__builtins__": __builtins__}
     cells = req["cells"]
@@ -243,22 +250,19 @@ def _setup_failed(status_w, e):
 
 def _init_process(sb):
     """R: PID 1 of the namespace (or a plain parent in the fallback). Builds the sandbox
-    ahead of time, waits for the request, forks W and reports how W ended."""
+    ahead of time, forks W (which waits for the request) and reports how W ended."""
     _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     if sb.isolated:
         _check(_libc.unshare(CLONE_NEWNS | CLONE_NEWNET), "unshare(mount, net)")
         _private_filesystem(sb.tmpfs_mb, sb.scratch)
-    with os.fdopen(sb.req_r) as f:
-        req = json.loads(f.readline() or "null")
-    if req is None:                                   # the zygote discarded this sandbox
-        os._exit(0)
     w = os.fork()
     if w == 0:
         try:
-            _worker(req, sb.status_w, sb.out_w, sb.isolated, sb.scratch)
+            _worker(sb)
         except BaseException as e:                    # setup failed: say so, never run the code
             _setup_failed(sb.status_w, e)
     os.close(sb.out_w)
+    os.close(sb.req_r)
     _, status = os.waitpid(w, 0)
     os.write(sb.status_w, (json.dumps({"exit": _describe(status)}) + "\n").encode())
     os._exit(0)
@@ -303,10 +307,10 @@ class _Prepared:
             os.close(fd)
 
     def discard(self):
-        os.close(self.req_w)                          # R reads EOF and exits
+        os.close(self.req_w)                          # W reads EOF and exits, then R and G
+        os.waitpid(self.g, 0)
         for fd in (self.status_r, self.out_r):
             os.close(fd)
-        os.waitpid(self.g, 0)
         if self.scratch:
             shutil.rmtree(self.scratch, ignore_errors=True)
 

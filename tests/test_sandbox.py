@@ -30,18 +30,18 @@ def parents():
 
 
 def leftovers(before):
-    """New processes that are not a zygote or its one prepared sandbox (G and R). A killed
+    """New processes that are not a zygote or its one prepared sandbox (G, R, W). A killed
     process can take a moment to disappear from /proc: look for up to a second."""
     for _ in range(20):
         time.sleep(0.05)
         ppid = parents()
         allowed = {z.proc.pid for z in sandbox._all}
-        for _ in range(2):   # zygote -> G -> R
+        for _ in range(3):   # zygote -> G -> R -> W (waiting for its request)
             allowed |= {p for p, pp in ppid.items() if pp in allowed}
         # ours: below a zygote, or orphans handed to init; unrelated machine activity is not
         ours = set(allowed)
         for _ in range(8):
-            ours |= {p for p, pp in ppid.items() if pp in ours or pp in (0, 1)}
+            ours |= {p for p, pp in ppid.items() if pp in ours or pp == 1}
         extra = {p for p in (ours & set(ppid)) - before - allowed if os.path.exists(f"/proc/{p}")}
         if not extra:
             return extra
