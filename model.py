@@ -155,10 +155,12 @@ def load_model(name=DEFAULT_MODEL, dtype="fp32", device="cpu"):
         model = tiny_model(tok, dtype=torch_dtype)
     else:
         path = resolve_name(name)
+        if name.startswith(("/", "./", "../", "~")) and not os.path.isdir(path):
+            _missing(f"no directory '{name}'", "Pass a directory holding config.json and weights, e.g. runs/em/checkpoint.")
         try:
             tok = AutoTokenizer.from_pretrained(path)
             model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
-        except OSError:
+        except (OSError, ValueError):
             _missing(f"no local directory or reachable hub id '{path}'",
                      "Pass an existing directory (e.g. a checkpoint under runs/), or download "
                      f"'{path}' first where the hub is reachable (huggingface-cli download {path}).")

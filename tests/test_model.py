@@ -180,3 +180,17 @@ def test_other_rows_decode_while_one_waits(tiny, tok):
     both = M.sample(lm, tok, prompts, [prefix, []], max_new_tokens=30, greedy=True, executor=Slow("1"))
     alone = M.sample(lm, tok, prompts[1:], max_new_tokens=30, greedy=True, executor=Scripted("1"))
     assert both[1].response_ids == alone[0].response_ids
+
+
+def test_missing_model_is_one_clear_line(tmp_path):
+    with pytest.raises(SystemExit) as e:
+        M.load_model(str(tmp_path / "no-such-model"))
+    msg = str(e.value)
+    assert msg.startswith("error: could not load model: no directory") and "\n" not in msg
+
+
+def test_short_names_resolve_to_hub_ids(tmp_path):
+    assert M.resolve_name("Qwen2.5-0.5B") == "Qwen/Qwen2.5-0.5B"
+    assert M.resolve_name("Qwen2.5-Math-1.5B-Instruct") == "Qwen/Qwen2.5-Math-1.5B-Instruct"
+    assert M.resolve_name("org/model") == "org/model"
+    assert M.resolve_name(str(tmp_path)) == str(tmp_path)
