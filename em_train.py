@@ -144,7 +144,8 @@ def training_data(algo, records, adv_mode):
 
 def native_records(model, tok, problems, n, args, seed):
     """The `rl` baseline's data: n unforced rollouts per query, graded."""
-    prompts = [M.chat_prompt(tok, p["question"], E.MODES["autonomous"]["instruction"]) for p in problems]
+    prompts = [M.chat_prompt(tok, E.question_text(p["question"], args.fewshot), E.MODES["autonomous"]["instruction"])
+               for p in problems]
     jobs = [qi for qi in range(len(problems)) for _ in range(n)]
     records = []
     for start in tqdm(range(0, len(jobs), args.sample_batch), desc="rollouts", unit="batch"):
@@ -276,7 +277,7 @@ def evaluate_iteration(model, tok, args, iteration):
     problems = E.load_problems(args.eval_data, args.eval_n)
     out = os.path.join(args.out, f"eval-iter{iteration}")
     records, _ = E.run(model, tok, problems, args.eval_modes, out, max_new_tokens=args.max_new_tokens,
-                       batch_size=args.sample_batch, progress=False)
+                       batch_size=args.sample_batch, fewshot=args.fewshot, progress=False)
     s = E.summarize(records, args.eval_modes)
     row = {f"eval_acc_{m}": s[m]["accuracy"] for m in args.eval_modes if m in s}
     if "autonomous" in s:
@@ -355,7 +356,7 @@ def main(argv=None):
         else:
             records = X.explore(model, tok, problems, args.k, args.native_k, args.estep, args.alpha, args.prior,
                                 args.keep, {"cot": args.cot_prefix, "code": args.code_prefix}, args.max_new_tokens,
-                                args.temperature, seed, args.sample_batch)
+                                args.temperature, seed, args.sample_batch, fewshot=args.fewshot)
         t_sample = time.time() - t0
         X.write_jsonl_atomic(os.path.join(args.out, f"explore-iter{it}.jsonl"), records)
         items = training_data(args.algo, records, args.adv)

@@ -23,7 +23,10 @@ Pieces, top to bottom:
            (written atomically) and a printed table. Re-running with the same --out resumes.
 
 Choices the paper leaves open: the neutral, CoT and code prompts (Qwen2.5-Math's wording for
-the latter two) and the two forcing prefixes below; both are flags in explore.py.
+the latter two), the two forcing prefixes below (flags in explore.py; the paper's reported code
+prefix "Let's first analyze the problem, then consider if python code could help." derailed the
+135M model, so the default is the bare block opening), and a two-example format
+demonstration (FEWSHOT, on by default; --no-fewshot for the paper's zero-shot setting).
 """
 import argparse
 import json
@@ -47,12 +50,24 @@ MODES = {
                                   "and put your final answer within \\boxed{}.",
                    "prefix": "", "code": True},
     "cot": {"instruction": "Please reason step by step, and put your final answer within \\boxed{}.",
-            "prefix": "Let's reason step by step without code.\n", "code": False},
+            "prefix": "Let's think step by step.\n", "code": False},
     "code": {"instruction": "Please integrate natural language reasoning with programs to solve the problem above, "
                             "and put your final answer within \\boxed{}.",
-             "prefix": "Let's first analyze the problem, then consider if python code could help.\n```python\n",
-             "code": True},
+             "prefix": "```python\n", "code": True},
 }
+# A two-example format demonstration put before each question (--no-fewshot drops it). Small
+# models (the embedded 135M one) otherwise almost never write \boxed{} or a runnable block:
+# zero-shot, SmolLM2-135M boxed 0 of 150 answers on GSM8K and MATH500; with it, a share of
+# built-in problems get boxed and some right, which is the signal the E-step needs.
+FEWSHOT = ("Put the final answer in \\boxed{}.\n"
+           "Example problem: What is 123 \\times 45?\nExample solution:\n```python\nprint(123 * 45)\n```\n"
+           "```output\n5535\n```\nThe final answer is \\boxed{5535}.\n\n"
+           "Example problem: What is 3 + 4?\nExample solution: 3 + 4 = 7. The final answer is \\boxed{7}.\n\n"
+           "Problem: ")
+
+
+def question_text(question, fewshot=True):
+    return (FEWSHOT if fewshot else "") + question
 
 
 # ---------------------------------------------------------------------------------------
@@ -181,10 +196,10 @@ def grade(problem, text):
     return pred, grader.is_equiv(pred, problem["answer"], numeric=problem["numeric"])
 
 
-def prompt_for(tok, problem, mode):
+def prompt_for(tok, problem, mode, fewshot=True):
     import model as M
     spec = MODES[mode]
-    return (M.chat_prompt(tok, problem["question"], spec["instruction"]),
+    return (M.chat_prompt(tok, question_text(problem["question"], fewshot), spec["instruction"]),
             tok(spec["prefix"], add_special_tokens=False).input_ids if spec["prefix"] else [])
 
 
@@ -214,7 +229,7 @@ def write_json_atomic(path, obj):
 
 
 def run(model, tok, problems, modes, out_dir, n=1, temperature=0.0, max_new_tokens=512, batch_size=16,
-        seed=0, progress=True):
+        seed=0, fewshot=True, progress=True):
     """Sample, grade and record every (problem, mode, sample). Returns all records."""
     import model as M
     os.makedirs(out_dir, exist_ok=True)
@@ -229,7 +244,7 @@ def run(model, tok, problems, modes, out_dir, n=1, temperature=0.0, max_new_toke
             chunk = todo[start:start + batch_size]
             for mode in dict.fromkeys(m for _, m, _ in chunk):
                 part = [(p, k) for p, m, k in chunk if m == mode]
-                prompts, prefixes = zip(*(prompt_for(tok, p, mode) for p, _ in part))
+                prompts, prefixes = zip(*(prompt_for(tok, p, mode, fewshot) for p, _ in part))
                 t = time.time()
                 outs = M.sample(model, tok, list(prompts), list(prefixes), max_new_tokens=max_new_tokens,
                                 greedy=temperature == 0, temperature=max(temperature, 1e-5),
@@ -345,6 +360,7 @@ def main(argv=None):
     ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     ap.add_argument("--max-new-tokens", type=int, default=512)
     ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--no-fewshot", dest="fewshot", action="store_false", help="zero-shot prompts (drop FEWSHOT)")
     ap.add_argument("--out", default=None, help="output directory (default results/<data>-<model>)")
     args = ap.parse_args(argv)
     if args.n > 1 and args.temperature == 0:
@@ -356,16 +372,18 @@ def main(argv=None):
     out = args.out or os.path.join("results", name)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, tok = M.load_model(args.model, args.dtype, device)
-    print("prompts:", json.dumps(MODES, indent=1))
+    print("prompts:", json.dumps(MODES, indent=1), "\nfew-shot demonstration:", json.dumps(FEWSHOT if args.fewshot else None))
     t = time.time()
     records, timing = run(model, tok, problems, args.modes, out, n=args.n, temperature=args.temperature,
-                          max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, seed=args.seed)
+                          max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, seed=args.seed,
+                          fewshot=args.fewshot)
     wall = time.time() - t
     ids = {p["id"] for p in problems}
     summary = summarize([r for r in records if r["id"] in ids], args.modes)
     summary["_run"] = {"data": args.data, "model": args.model, "n": args.n, "temperature": args.temperature,
                        "max_new_tokens": args.max_new_tokens, "timing": timing, "wall_s": wall,
-                       "grader_timeouts": grader.TIMEOUTS, "prompts": MODES}
+                       "grader_timeouts": grader.TIMEOUTS, "prompts": MODES,
+                       "fewshot": FEWSHOT if args.fewshot else None}
     write_json_atomic(os.path.join(out, "summary.json"), summary)
     print_table({k: v for k, v in summary.items() if k != "_run"}, timing, wall)
     print(f"samples: {os.path.join(out, 'samples.jsonl')}  summary: {os.path.join(out, 'summary.json')}")

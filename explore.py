@@ -8,7 +8,7 @@ For each query x of the batch (paper section 2, "E-step" and "structured explora
   4. q_hat(x, c) = mean reward of the K rollouts forced to c.
   5. pi(c|x) by `--prior native` (code rate of the native rollouts; 1/2 each if none) or
      `--prior prefix` (the model's probability of each decision prefix, normalised over the
-     two decisions).
+     two decisions; whole-prefix probabilities, so a longer prefix is a priori less likely).
   6. s_star(c|x) by `--estep`:
         softmax   exp(alpha * pi * q_hat) / Z            (ACL version, Eq. 5; --alpha)
         posterior pi * q_hat / Z                          (the exact E-step; uniform if all 0)
@@ -72,13 +72,14 @@ def prefix_prior(model, tok, prompt, prefixes):
 
 
 def explore(model, tok, problems, k=4, native_k=0, estep="softmax", alpha=5.0, prior="native", keep=None,
-            prefixes_text=None, max_new_tokens=384, temperature=1.0, seed=0, batch_size=32, progress=True):
+            prefixes_text=None, max_new_tokens=384, temperature=1.0, seed=0, batch_size=32, fewshot=True,
+            progress=True):
     """Run the E-step over `problems`; return one record per rollout (see the docstring).
     Rollouts of all queries for one decision are sampled together, `batch_size` at a time."""
     prefixes_text = prefixes_text or {c: E.MODES[c]["prefix"] for c in DECISIONS}
     prefixes = {c: tok(prefixes_text[c], add_special_tokens=False).input_ids for c in DECISIONS}
     instruction = E.MODES["autonomous"]["instruction"]
-    prompts = [M.chat_prompt(tok, p["question"], instruction) for p in problems]
+    prompts = [M.chat_prompt(tok, E.question_text(p["question"], fewshot), instruction) for p in problems]
     keep = keep or k
     rng = random.Random(seed)
     jobs = [(c, qi) for c in DECISIONS for qi in range(len(problems)) for _ in range(k)]
@@ -140,6 +141,7 @@ def add_args(ap):
     ap.add_argument("--max-new-tokens", type=int, default=384)
     ap.add_argument("--temperature", type=float, default=1.0)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--no-fewshot", dest="fewshot", action="store_false", help="drop evaluate.FEWSHOT")
 
 
 def main():
@@ -155,7 +157,7 @@ def main():
     problems = E.load_problems(args.data, args.queries, args.seed, shuffle=True)
     records = explore(model, tok, problems, args.k, args.native_k, args.estep, args.alpha, args.prior, args.keep,
                       {"cot": args.cot_prefix, "code": args.code_prefix}, args.max_new_tokens, args.temperature,
-                      args.seed)
+                      args.seed, fewshot=args.fewshot)
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     write_jsonl_atomic(args.out, records)
     by = {}

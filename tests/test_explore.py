@@ -4,6 +4,7 @@ import random
 import pytest
 
 import explore as X
+import model as M
 
 
 def test_hardmax_picks_larger_pi_times_q():
@@ -48,5 +49,13 @@ def test_explore_tiny_end_to_end(tiny, tok):
         assert set(r["s_star"]) == {"cot", "code"} and r["reward"] in (0.0, 1.0)
         assert len(r["response_ids"]) == len(r["sampled"]) == len(r["behaviour_logprobs"])
         assert r["response"].startswith(r["prefix"].rstrip("\n")[:10])
-    pri = X.explore(tiny, tok, problems[:1], k=1, prior="prefix", max_new_tokens=4, progress=False)[0]["prior"]
-    assert sum(pri.values()) == pytest.approx(1.0) and 0 < pri["code"] < 1
+    rec = X.explore(tiny, tok, problems[:1], k=1, prior="prefix", max_new_tokens=4, progress=False)[0]
+    pri = rec["prior"]
+    import math
+    import torch
+    with torch.no_grad():
+        ids = {c: tok(p, add_special_tokens=False).input_ids for c, p in
+               (("cot", E.MODES["cot"]["prefix"]), ("code", E.MODES["code"]["prefix"]))}
+        lp = {c: float(M.sequence_logprobs(tiny, [rec["prompt_ids"]], [ids[c]])[0].sum()) for c in ids}
+    assert pri["code"] == pytest.approx(1 / (1 + math.exp(lp["cot"] - lp["code"])), abs=1e-6)
+    assert sum(pri.values()) == pytest.approx(1.0)
