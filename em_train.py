@@ -34,6 +34,7 @@ Run:  python em_train.py                                     # SmolLM2-135M, bui
       python em_train.py --model tiny --iterations 2        # the whole loop in about a minute
       python em_train.py --model Qwen2.5-0.5B --data ../shared/data/gsm8k_train.jsonl --eval-data builtin:test
       python em_train.py --out runs/em --resume             # continue a killed run
+      torchrun --nproc_per_node 8 em_train.py --fsdp --model Qwen2.5-7B --dtype bf16   # see distributed.py
 Outputs under --out: metrics.jsonl, explore-iter{N}.jsonl, eval-iter{N}/, checkpoint/.
 """
 import argparse
@@ -49,6 +50,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+import distributed as D
 import evaluate as E
 import explore as X
 import model as M
@@ -165,65 +167,84 @@ def native_records(model, tok, problems, n, args, seed):
 # ---------------------------------------------------------------------------------------
 # The M-step
 # ---------------------------------------------------------------------------------------
+def micro_loss(model, mb, ctx, args, stats):
+    """The loss of one micro-batch, normalised by its whole optimiser step (ctx), so the
+    micro-batches of a step simply add up. Records loss terms and ratio stats in `stats`."""
+    logp = M.sequence_logprobs(model, [it["prompt_ids"] for it in mb], [it["response_ids"] for it in mb],
+                               args.temperature)
+    masks = [torch.tensor(it["mask"], dtype=torch.bool) for it in mb]
+    old = [torch.tensor(it["old"], dtype=torch.float32) for it in mb]
+    if args.algo == "sft":
+        loss = -sum(lp[m].sum() for lp, m in zip(logp, masks)) / ctx["units"]
+        ctx["terms"]["loss_sft"] += loss.item()
+        return loss
+    total, _, st = ratio_term(logp, old, masks, [it["adv"] for it in mb], args.clip_eps, args.is_mode, args.ratio)
+    loss = total / ctx["units"]
+    ctx["terms"]["loss_ratio"] += loss.item()
+    stats["ratio_mean"].append(st["ratio_mean"])
+    stats["ratio_max"].append(st["ratio_max"])
+    stats["clipped"] += st["clipped"]
+    stats["ratio_n"] += st["ratio_n"]
+    if args.kl_coef:
+        kl, _ = kl_term(logp, old, masks)
+        loss = loss + args.kl_coef * kl / ctx["tokens"]
+        ctx["terms"]["loss_kl"] += kl.item() / ctx["tokens"]
+    if args.algo == "em" and args.decision_coef:
+        qids = list(dict.fromkeys(it["query_id"] for it in mb))
+        d = decision_term(model, [ctx["prompt_of"][q] for q in qids], ctx["prefixes"],
+                          [ctx["s_star"][q] for q in qids], args.temperature) * args.decision_coef / ctx["queries"]
+        loss = loss + d
+        ctx["terms"]["loss_decision"] += d.item()
+    return loss
+
+
+def padding_loss(model, ctx, args):
+    """Under --fsdp, a rank with fewer micro-batches than another still runs the same forwards
+    and backwards (each is a collective): a one-token pass with weight 0."""
+    loss = 0.0 * M.sequence_logprobs(model, [[0]], [[0]])[0].sum()
+    if args.algo == "em" and args.decision_coef:
+        loss = loss + 0.0 * decision_term(model, [[0]], ctx["prefixes"], [{c: 0.0 for c in ctx["prefixes"]}])
+    return loss
+
+
 def m_step(model, tok, opt, items, records, args, rng):
     """`--epochs` passes over the items; returns averaged loss terms and optimiser stats."""
     model.train()
-    prefixes = {c: tok(p, add_special_tokens=False).input_ids
-                for c, p in (("cot", args.cot_prefix), ("code", args.code_prefix))}
-    s_star = {r["query_id"]: r["s_star"] for r in records if "s_star" in r}
-    prompt_of = {r["query_id"]: r["prompt_ids"] for r in records}
+    ctx = {"prefixes": {c: tok(p, add_special_tokens=False).input_ids
+                        for c, p in (("cot", args.cot_prefix), ("code", args.code_prefix))},
+           "s_star": {r["query_id"]: r["s_star"] for r in records if "s_star" in r},
+           "prompt_of": {r["query_id"]: r["prompt_ids"] for r in records}}
     stats = {"loss_ratio": [], "loss_decision": [], "loss_kl": [], "loss_sft": [], "grad_norm": [],
              "ratio_mean": [], "ratio_max": [], "clipped": 0, "ratio_n": 0}
-    step_size = args.batch_size * args.grad_accum
+    steps = []
     for epoch in range(args.epochs):
         order = list(range(len(items)))
         rng.shuffle(order)
-        for start in range(0, len(order), step_size):
-            opt.zero_grad(set_to_none=True)
-            step = [items[i] for i in order[start:start + step_size]]
-            # every term is normalised by the whole optimiser step, so micro-batches just add up
-            n_units = sum((sum(it["mask"]) if args.ratio == "token" or args.algo == "sft" else 1) for it in step)
-            n_queries = len({it["query_id"] for it in step})
-            terms = {"loss_ratio": 0.0, "loss_decision": 0.0, "loss_kl": 0.0, "loss_sft": 0.0}
-            for j in range(0, len(step), args.batch_size):
-                mb = step[j:j + args.batch_size]
-                logp = M.sequence_logprobs(model, [it["prompt_ids"] for it in mb], [it["response_ids"] for it in mb],
-                                           args.temperature)
-                masks = [torch.tensor(it["mask"], dtype=torch.bool) for it in mb]
-                old = [torch.tensor(it["old"], dtype=torch.float32) for it in mb]
-                if args.algo == "sft":
-                    loss = -sum(lp[m].sum() for lp, m in zip(logp, masks)) / max(1, n_units)
-                    terms["loss_sft"] += loss.item()
-                else:
-                    total, _, st = ratio_term(logp, old, masks, [it["adv"] for it in mb], args.clip_eps,
-                                              args.is_mode, args.ratio)
-                    loss = total / max(1, n_units)
-                    terms["loss_ratio"] += loss.item()
-                    stats["ratio_mean"].append(st["ratio_mean"])
-                    stats["ratio_max"].append(st["ratio_max"])
-                    stats["clipped"] += st["clipped"]
-                    stats["ratio_n"] += st["ratio_n"]
-                    if args.kl_coef:
-                        kl, n = kl_term(logp, old, masks)
-                        loss = loss + args.kl_coef * kl / max(1, sum(sum(it["mask"]) for it in step))
-                        terms["loss_kl"] += kl.item() / max(1, sum(sum(it["mask"]) for it in step))
-                    if args.algo == "em" and args.decision_coef:
-                        qids = list(dict.fromkeys(it["query_id"] for it in mb))
-                        d = decision_term(model, [prompt_of[q] for q in qids], prefixes, [s_star[q] for q in qids],
-                                          args.temperature) * args.decision_coef / n_queries
-                        loss = loss + d
-                        terms["loss_decision"] += d.item()
-                loss.backward()
-            for k, v in terms.items():
+        size = args.batch_size * args.grad_accum
+        steps += [[items[i] for i in order[s:s + size]] for s in range(0, len(order), size)]
+    for s in range(D.all_max(len(steps))):
+        step = steps[s] if s < len(steps) else []
+        micro = [step[j:j + args.batch_size] for j in range(0, len(step), args.batch_size)]
+        ctx.update(units=max(1, sum((sum(it["mask"]) if args.ratio == "token" or args.algo == "sft" else 1)
+                                    for it in step)),
+                   tokens=max(1, sum(sum(it["mask"]) for it in step)),
+                   queries=max(1, len({it["query_id"] for it in step})),
+                   terms={"loss_ratio": 0.0, "loss_decision": 0.0, "loss_kl": 0.0, "loss_sft": 0.0})
+        opt.zero_grad(set_to_none=True)
+        for j in range(D.all_max(len(micro))):
+            loss = micro_loss(model, micro[j], ctx, args, stats) if j < len(micro) else padding_loss(model, ctx, args)
+            loss.backward()
+        if step:
+            for k, v in ctx["terms"].items():
                 stats[k].append(v)
-            stats["grad_norm"].append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)))
-            opt.step()
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+        stats["grad_norm"].append(D.scalar(norm))
+        opt.step()
     model.eval()
     mean = lambda v: sum(v) / len(v) if v else None  # noqa: E731
     terms = ["loss_sft"] if args.algo == "sft" else ["loss_ratio"]
     terms += ["loss_decision"] * (args.algo == "em" and bool(args.decision_coef)) + ["loss_kl"] * bool(args.kl_coef)
-    used = {k: mean(stats[k]) for k in terms}
-    return {**used,
+    return {**{k: mean(stats[k]) for k in terms},
             "ratio_mean": mean(stats["ratio_mean"]), "ratio_max": max(stats["ratio_max"], default=None),
             "clip_frac": stats["clipped"] / stats["ratio_n"] if stats["ratio_n"] else None,
             "grad_norm": mean(stats["grad_norm"]), "optimizer_steps": len(stats["grad_norm"])}
@@ -233,11 +254,18 @@ def m_step(model, tok, opt, items, records, args, rng):
 # Checkpoints: atomic save, exact resume
 # ---------------------------------------------------------------------------------------
 def save_checkpoint(out, model, tok, opt, iteration):
+    """model (transformers format) + optimizer + RNG + iteration, swapped in atomically."""
+    if D.ENABLED:
+        model_state, opt_state = D.full_state(model, opt)          # every rank takes part
+    else:
+        model_state, opt_state = None, opt.state_dict()
+    if not D.is_main():
+        return
     final, tmp, old = (os.path.join(out, n) for n in ("checkpoint", "checkpoint.tmp", "checkpoint.old"))
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
+    model.save_pretrained(tmp, state_dict=model_state)
     tok.save_pretrained(tmp)
-    torch.save({"optimizer": opt.state_dict(), "iteration": iteration,
+    torch.save({"optimizer": opt_state, "iteration": iteration,
                 "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}},
                os.path.join(tmp, "trainer_state.pt"))
     if os.path.isdir(final):
@@ -273,12 +301,13 @@ def append_metrics(path, row, keep_until=None):
 # ---------------------------------------------------------------------------------------
 # The loop
 # ---------------------------------------------------------------------------------------
-def evaluate_iteration(model, tok, args, iteration):
-    problems = E.load_problems(args.eval_data, args.eval_n)
-    out = os.path.join(args.out, f"eval-iter{iteration}")
-    records, _ = E.run(model, tok, problems, args.eval_modes, out, max_new_tokens=args.max_new_tokens,
-                       batch_size=args.sample_batch, fewshot=args.fewshot, progress=False)
-    s = E.summarize(records, args.eval_modes)
+def evaluate_iteration(model, tok, args, iteration, rank=0, world=1):
+    problems = E.load_problems(args.eval_data, args.eval_n)[rank::world]
+    out = os.path.join(args.out, f"eval-iter{iteration}", f"rank{rank}" if world > 1 else "")
+    with D.gathered(model):
+        records, _ = E.run(model, tok, problems, args.eval_modes, out, max_new_tokens=args.max_new_tokens,
+                           batch_size=args.sample_batch, fewshot=args.fewshot, progress=False)
+    s = E.summarize(D.gather(records), args.eval_modes)
     row = {f"eval_acc_{m}": s[m]["accuracy"] for m in args.eval_modes if m in s}
     if "autonomous" in s:
         row["eval_code_rate"] = s["autonomous"]["code_rate"]
@@ -315,6 +344,7 @@ def parse_args(argv=None):
     ap.add_argument("--eval-modes", nargs="+", default=list(E.MODES), choices=list(E.MODES))
     ap.add_argument("--out", default="runs/em")
     ap.add_argument("--resume", action="store_true")
+    ap.add_argument("--fsdp", action="store_true", help="shard with FSDP2 across torchrun ranks (distributed.py)")
     X.add_args(ap)
     ap.set_defaults(max_new_tokens=256)
     args = ap.parse_args(argv)
@@ -326,6 +356,9 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    rank, world = 0, 1
+    if args.fsdp:
+        rank, world, device = D.setup()
     os.makedirs(args.out, exist_ok=True)
     metrics_path = os.path.join(args.out, "metrics.jsonl")
     start_iter = 1
@@ -333,58 +366,74 @@ def main(argv=None):
     if args.resume and ckpt is None:
         print(f"[em] --resume: no checkpoint under {args.out}; starting from {args.model}", file=sys.stderr)
     model, tok = M.load_model(ckpt or args.model, args.dtype, device)
+    if args.fsdp:
+        D.shard(model)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     if ckpt:
         state = torch.load(os.path.join(ckpt, "trainer_state.pt"), weights_only=False)
-        opt.load_state_dict(state["optimizer"])
+        D.load_optimizer(model, opt, state["optimizer"]) if args.fsdp else opt.load_state_dict(state["optimizer"])
         random.setstate(state["rng"]["python"])
         np.random.set_state(state["rng"]["numpy"])
         torch.set_rng_state(state["rng"]["torch"])
         start_iter = state["iteration"] + 1
-        append_metrics(metrics_path, None, keep_until=state["iteration"])
+        if D.is_main():
+            append_metrics(metrics_path, None, keep_until=state["iteration"])
         print(f"[em] resumed from {ckpt} after iteration {state['iteration']}", file=sys.stderr)
-    elif not args.resume and os.path.exists(metrics_path):
+    elif not args.resume and os.path.exists(metrics_path) and D.is_main():
         os.remove(metrics_path)
     pool = E.load_problems(args.data, args.train_size if args.data.startswith("builtin") else None)
     for it in range(start_iter, args.iterations + 1):
         t0 = time.time()
         seed = args.seed * 1000 + it                  # everything an iteration draws derives from this
         rng = random.Random(seed)
-        problems = rng.sample(pool, min(args.queries_per_iter, len(pool)))
-        if args.algo == "rl":
-            records = native_records(model, tok, problems, 2 * args.k, args, seed)
-        else:
-            records = X.explore(model, tok, problems, args.k, args.native_k, args.estep, args.alpha, args.prior,
-                                args.keep, {"cot": args.cot_prefix, "code": args.code_prefix}, args.max_new_tokens,
-                                args.temperature, seed, args.sample_batch, fewshot=args.fewshot)
+        problems = rng.sample(pool, min(args.queries_per_iter, len(pool)))[rank::world]
+        with D.gathered(model):
+            if args.algo == "rl":
+                records = native_records(model, tok, problems, 2 * args.k, args, seed + 7919 * rank)
+            else:
+                records = X.explore(model, tok, problems, args.k, args.native_k, args.estep, args.alpha, args.prior,
+                                    args.keep, {"cot": args.cot_prefix, "code": args.code_prefix},
+                                    args.max_new_tokens, args.temperature, seed + 7919 * rank, args.sample_batch,
+                                    fewshot=args.fewshot, progress=D.is_main())
         t_sample = time.time() - t0
-        X.write_jsonl_atomic(os.path.join(args.out, f"explore-iter{it}.jsonl"), records)
         items = training_data(args.algo, records, args.adv)
         t1 = time.time()
-        losses = m_step(model, tok, opt, items, records, args, rng) if items else {}
+        losses = m_step(model, tok, opt, items, records, args, rng)
         t_train = time.time() - t1
-        sampled = sum(sum(r["sampled"]) for r in records)
-        by_q = {r["query_id"]: r for r in records}
-        row = {"iteration": it, "algo": args.algo, "queries": len(problems), "rollouts": len(records),
-               "trained_on": len(items), "reward_mean": sum(r["reward"] for r in records) / len(records),
-               "q_hat_cot": _mean(r["q_hat"]["cot"] for r in by_q.values() if "q_hat" in r),
-               "q_hat_code": _mean(r["q_hat"]["code"] for r in by_q.values() if "q_hat" in r),
-               "s_star_code": _mean(r["s_star"]["code"] for r in by_q.values() if "s_star" in r),
-               "native_code_rate": _mean(r["native_code_rate"] for r in by_q.values()
-                                         if r.get("native_code_rate") is not None)
-               if args.algo != "rl" else _mean(float(r["code_calls"] > 0) for r in records),
-               **losses, "sample_tokens_per_s": sampled / t_sample if t_sample else None,
-               "sample_s": t_sample, "train_s": t_train}
+        records, n_items = D.gather(records), sum(D.gather([len(items)]))
+        if D.is_main():
+            X.write_jsonl_atomic(os.path.join(args.out, f"explore-iter{it}.jsonl"), records)
+        row = iteration_row(it, args, records, n_items, losses, t_sample, t_train)
         if args.eval_data and args.eval_every and it % args.eval_every == 0:
-            row.update(evaluate_iteration(model, tok, args, it))
+            row.update(evaluate_iteration(model, tok, args, it, rank, world))
         row["seconds"] = time.time() - t0
         save_checkpoint(args.out, model, tok, opt, it)
-        append_metrics(metrics_path, row)
-        print(f"[em] iter {it}/{args.iterations} reward {row['reward_mean']:.3f} "
-              f"q_hat cot/code {_fmt(row['q_hat_cot'])}/{_fmt(row['q_hat_code'])} s*(code) {_fmt(row['s_star_code'])} "
-              f"loss {_fmt(row.get('loss_ratio', row.get('loss_sft')))} ratio max {_fmt(row.get('ratio_max'))} "
-              f"eval {_fmt(row.get('eval_acc_autonomous'))} {row['seconds']:.0f}s")
+        if D.is_main():
+            append_metrics(metrics_path, row)
+            print(f"[em] iter {it}/{args.iterations} reward {row['reward_mean']:.3f} "
+                  f"q_hat cot/code {_fmt(row['q_hat_cot'])}/{_fmt(row['q_hat_code'])} s*(code) "
+                  f"{_fmt(row['s_star_code'])} loss {_fmt(row.get('loss_ratio', row.get('loss_sft')))} "
+                  f"ratio max {_fmt(row.get('ratio_max'))} eval {_fmt(row.get('eval_acc_autonomous'))} "
+                  f"{row['seconds']:.0f}s")
+        D.barrier()
     return metrics_path
+
+
+def iteration_row(it, args, records, n_items, losses, t_sample, t_train):
+    """The metrics line of one iteration (losses and ratios are rank 0's under --fsdp)."""
+    by_q = {r["query_id"]: r for r in records}
+    sampled = sum(sum(r["sampled"]) for r in records)
+    if args.algo == "rl":
+        native = _mean(float(r["code_calls"] > 0) for r in records)
+    else:
+        native = _mean(r["native_code_rate"] for r in by_q.values() if r.get("native_code_rate") is not None)
+    return {"iteration": it, "algo": args.algo, "queries": len(by_q), "rollouts": len(records),
+            "trained_on": n_items, "reward_mean": _mean(r["reward"] for r in records),
+            "q_hat_cot": _mean(r["q_hat"]["cot"] for r in by_q.values() if "q_hat" in r),
+            "q_hat_code": _mean(r["q_hat"]["code"] for r in by_q.values() if "q_hat" in r),
+            "s_star_code": _mean(r["s_star"]["code"] for r in by_q.values() if "s_star" in r),
+            "native_code_rate": native, **losses,
+            "sample_tokens_per_s": sampled / t_sample if t_sample else None, "sample_s": t_sample, "train_s": t_train}
 
 
 def _mean(values):
