@@ -222,7 +222,7 @@ def m_step(model, tok, opt, items, records, args, rng):
         rng.shuffle(order)
         size = args.batch_size * args.grad_accum
         steps += [[items[i] for i in order[s:s + size]] for s in range(0, len(order), size)]
-    for s in range(D.all_max(len(steps))):
+    for s in tqdm(range(D.all_max(len(steps))), desc="M-step", unit="step", disable=not D.is_main()):
         step = steps[s] if s < len(steps) else []
         micro = [step[j:j + args.batch_size] for j in range(0, len(step), args.batch_size)]
         ctx.update(units=max(1, sum((sum(it["mask"]) if args.ratio == "token" or args.algo == "sft" else 1)
@@ -306,7 +306,7 @@ def evaluate_iteration(model, tok, args, iteration, rank=0, world=1):
     out = os.path.join(args.out, f"eval-iter{iteration}", f"rank{rank}" if world > 1 else "")
     with D.gathered(model):
         records, _ = E.run(model, tok, problems, args.eval_modes, out, max_new_tokens=args.max_new_tokens,
-                           batch_size=args.sample_batch, fewshot=args.fewshot, progress=False)
+                           batch_size=args.sample_batch, fewshot=args.fewshot, progress=D.is_main())
     s = E.summarize(D.gather(records), args.eval_modes)
     row = {f"eval_acc_{m}": s[m]["accuracy"] for m in args.eval_modes if m in s}
     if "autonomous" in s:
