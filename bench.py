@@ -175,7 +175,7 @@ def bench_sandbox(reps):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("what", nargs="*", choices=["all", "sampler", "code", "sandbox"], help="default: all")
+    ap.add_argument("what", nargs="*", help="any of: all sampler code sandbox (default: all)")
     ap.add_argument("--model", default=M.DEFAULT_MODEL)
     ap.add_argument("--dtype", default="fp32", choices=list(M.DTYPES))
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
@@ -184,6 +184,8 @@ def main():
     ap.add_argument("--reps", type=int, default=50)
     args = ap.parse_args()
     args.what = args.what or ["all"]
+    if set(args.what) - {"all", "sampler", "code", "sandbox"}:
+        ap.error(f"unknown benchmark in {args.what}: choose from all, sampler, code, sandbox")
     print(f"machine: {os.cpu_count()} cores, torch {torch.__version__}, threads {torch.get_num_threads()}, "
           f"cuda {torch.cuda.is_available()}")
     if {"all", "sandbox"} & set(args.what):

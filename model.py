@@ -299,6 +299,8 @@ def sample(model, tok, prompts, prefixes=None, *, max_new_tokens=512, temperatur
     """
     device = next(model.parameters()).device
     prefixes = prefixes or [[] for _ in prompts]
+    if any(not p and not f for p, f in zip(prompts, prefixes)):
+        raise ValueError("sample: every prompt needs at least one token (prompt or prefix)")
     eos = set() if ignore_eos else set(stop_token_ids(model, tok))
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     gen = torch.Generator(device=device).manual_seed(seed)
@@ -414,12 +416,12 @@ def sample(model, tok, prompts, prefixes=None, *, max_new_tokens=512, temperatur
                     collect(r)
             # 2. one forward. Rows with several tokens to feed (prompt, output block) go
             #    alone; otherwise every row steps one token, paused rows as masked padding.
-            live = [j for j, r in enumerate(rows) if r.future is None and r.feed and done[r.index] is None]
+            live = [j for j, r in enumerate(rows) if r.future is None and r.feed]
             part = [j for j in live if len(rows[j].feed) > 1 and mask.shape[1] > 0]
             if part:
                 logits, fed = forward([rows[j].feed for j in part], part), part
             elif live:
-                feeds = [r.feed if j in live else [] for j, r in enumerate(rows)]
+                feeds = [r.feed if r.future is None else [] for r in rows]
                 logits, fed = forward(feeds, list(range(len(rows))))[live], live
             else:
                 fed = []
@@ -435,18 +437,15 @@ def sample(model, tok, prompts, prefixes=None, *, max_new_tokens=512, temperatur
             keep = [j for j, r in enumerate(rows) if done[r.index] is None]
             if len(keep) < len(rows):
                 rows = [rows[j] for j in keep]
-                if rows and mask.shape[1] > 0:
-                    sel = torch.tensor(keep, device=device)
+                sel = torch.tensor(keep, device=device)
+                mask, n_real = mask[sel], n_real[sel]
+                if rows:
                     cache.batch_select_indices(sel)
-                    mask, n_real = mask[sel], n_real[sel]
                     cols = mask.any(0)
                     if not bool(cols.all()):
                         for layer in cache.layers:
                             layer.keys, layer.values = layer.keys[:, :, cols], layer.values[:, :, cols]
                         mask = mask[:, cols]
-                elif rows:
-                    n_real = n_real[torch.tensor(keep, device=device)]
-                    mask = mask[torch.tensor(keep, device=device)]
     finally:
         if pool is not None:
             pool.shutdown(wait=False, cancel_futures=True)
@@ -475,9 +474,11 @@ def sequence_logprobs(model, prompts, responses, temperature=1.0):
     ids, mask = ids.to(device), mask.to(device)
     positions = (mask.cumsum(1) - 1).clamp(min=0)
     logits = model(input_ids=ids, attention_mask=mask, position_ids=positions,
-                   logits_to_keep=R + 1).logits[:, :-1]
-    logp = torch.log_softmax(logits.float() / temperature, dim=-1)
-    logp = logp.gather(2, ids[:, P:, None]).squeeze(2)
+                   logits_to_keep=R + 1).logits[:, :-1].float()
+    if temperature != 1.0:
+        logits = logits / temperature
+    # log softmax at the chosen token only: no second [batch, length, vocab] tensor in memory
+    logp = logits.gather(2, ids[:, P:, None]).squeeze(2) - torch.logsumexp(logits, dim=-1)
     return [logp[i, :len(r)] for i, r in enumerate(responses)]
 
 
