@@ -437,7 +437,7 @@ def sample(model, tok, prompts, prefixes=None, *, max_new_tokens=512, temperatur
             keep = [j for j, r in enumerate(rows) if done[r.index] is None]
             if len(keep) < len(rows):
                 rows = [rows[j] for j in keep]
-                sel = torch.tensor(keep, device=device)
+                sel = torch.tensor(keep, dtype=torch.long, device=device)
                 mask, n_real = mask[sel], n_real[sel]
                 if rows:
                     cache.batch_select_indices(sel)
