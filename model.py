@@ -52,6 +52,7 @@ from dataclasses import dataclass, field
 
 import torch
 from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 DEFAULT_MODEL = "smollm2-135m"
 CACHE_DIR = os.environ.get("AUTOCODE_CACHE", os.path.expanduser("~/.cache/autocode"))
@@ -251,6 +252,30 @@ def _forward(model, cache, ids, mask, positions):
                  use_cache=True, logits_to_keep=1).logits[:, -1]
 
 
+class GrowingLayer(DynamicLayer):
+    """A DynamicLayer that writes new keys/values into spare capacity (doubling when full)
+    instead of concatenating the whole cache every step: O(1) amortised copying per token
+    instead of O(length). `keys`/`values` stay plain views, so code that replaces them
+    (row selection, column compaction, merges) still works: the next update re-buffers."""
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        n = key_states.shape[-2]
+        length = self.keys.shape[-2] if self.keys.numel() else 0
+        buf = getattr(self, "_k", None)
+        if (buf is None or self.keys.numel() and self.keys.data_ptr() != buf.data_ptr()
+                or buf.shape[0] != key_states.shape[0] or length + n > buf.shape[-2]):
+            shape = (*key_states.shape[:2], max(64, 2 * (length + n)), key_states.shape[-1])
+            self._k, self._v = key_states.new_empty(shape), value_states.new_empty(shape)
+            if length:
+                self._k[:, :, :length], self._v[:, :, :length] = self.keys, self.values
+        self._k[:, :, length:length + n] = key_states
+        self._v[:, :, length:length + n] = value_states
+        self.keys, self.values = self._k[:, :, :length + n], self._v[:, :, :length + n]
+        return self.keys, self.values
+
+
 def _sub_cache(cache, rows, config):
     """A new DynamicCache holding copies of the given batch rows."""
     return DynamicCache([(layer.keys[rows], layer.values[rows]) for layer in cache.layers], config=config)
@@ -307,6 +332,7 @@ def sample(model, tok, prompts, prefixes=None, *, max_new_tokens=512, temperatur
     rows = [_Row(i, p, f, tok) for i, (p, f) in enumerate(zip(prompts, prefixes))]
     done = [None] * len(rows)
     cache = DynamicCache(config=model.config)
+    cache.layers = [GrowingLayer() if type(layer) is DynamicLayer else layer for layer in cache.layers]
     mask = torch.zeros(len(rows), 0, dtype=torch.long, device=device)
     n_real = torch.zeros(len(rows), dtype=torch.long, device=device)   # real tokens per row
     pool = ThreadPoolExecutor(max_workers=max(1, os.cpu_count() or 1)) if code else None

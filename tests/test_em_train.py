@@ -79,8 +79,9 @@ def test_decision_term_is_s_star_weighted_prefix_logprob(tiny, tok):
     prompt = M.chat_prompt(tok, "What is 2+2?")
     prefixes = {"cot": tok("Think.", add_special_tokens=False).input_ids,
                 "code": tok("Code.", add_special_tokens=False).input_ids}
-    d = T.decision_term(tiny, [prompt], prefixes, [{"cot": 0.25, "code": 0.75}])
-    lp = M.sequence_logprobs(tiny, [prompt, prompt], [prefixes["cot"], prefixes["code"]])
+    with torch.no_grad():
+        d = T.decision_term(tiny, [prompt], prefixes, [{"cot": 0.25, "code": 0.75}])
+        lp = M.sequence_logprobs(tiny, [prompt, prompt], [prefixes["cot"], prefixes["code"]])
     assert d.item() == pytest.approx(-(0.25 * float(lp[0].sum()) + 0.75 * float(lp[1].sum())), rel=1e-5)
 
 
