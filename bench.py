@@ -33,22 +33,12 @@ CODE_QUESTIONS = [f"What is {a}**{b} + {c}**{d}?" for a, b, c, d in
                    (12, 6, 5, 10), (3, 15, 8, 6)]]
 
 
-def left_pad(prompts, pad):
-    P = max(map(len, prompts))
-    ids = torch.full((len(prompts), P), pad)
-    mask = torch.zeros(len(prompts), P, dtype=torch.long)
-    for i, p in enumerate(prompts):
-        ids[i, P - len(p):] = torch.tensor(p)
-        mask[i, P - len(p):] = 1
-    return ids, mask
-
-
 def bench_sampler(model, tok, batches, new_tokens):
     print(f"\n== sampler vs generate: greedy, {new_tokens} new tokens, EOS ignored ==")
     print(f"{'batch':>5} {'generate tok/s':>15} {'sample tok/s':>13} {'ratio':>6} {'same tokens':>12}")
     for b in batches:
         prompts = [M.chat_prompt(tok, QUESTIONS[i % len(QUESTIONS)]) for i in range(b)]
-        ids, mask = left_pad(prompts, tok.pad_token_id)
+        ids, mask = M.left_pad(prompts, tok.pad_token_id)
         t = time.perf_counter()
         ref = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens,
                              min_new_tokens=new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
@@ -84,7 +74,7 @@ def reencode_loop(model, tok, prompts, prefixes, max_new_tokens, max_code_calls=
             return torch.tensor(stop)
 
     while active:
-        ids, mask = left_pad([ctx[i] for i in active], tok.pad_token_id)
+        ids, mask = M.left_pad([ctx[i] for i in active], tok.pad_token_id)
         out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max(budget[i] for i in active),
                              do_sample=False, pad_token_id=tok.pad_token_id,
                              stopping_criteria=StoppingCriteriaList([CloseOrBudget(active, ids.shape[1])]))

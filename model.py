@@ -184,6 +184,18 @@ def stop_token_ids(model, tok):
     return sorted(ids)
 
 
+def left_pad(prompts, pad):
+    """(ids, attention mask) for a batch of token lists, left-padded: the layout `generate`
+    expects, used by the benchmark and the tests to compare against it."""
+    P = max(map(len, prompts))
+    ids = torch.full((len(prompts), P), pad)
+    mask = torch.zeros(len(prompts), P, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, P - len(p):] = torch.tensor(p)
+        mask[i, P - len(p):] = 1
+    return ids, mask
+
+
 def chat_prompt(tok, question, instruction=""):
     """Token ids for one user turn plus the assistant header (plain text if no template)."""
     content = question if not instruction else f"{question}\n{instruction}"

@@ -11,16 +11,6 @@ QUESTIONS = ["What is 2+2?", "Compute the sum of the first hundred primes, then 
              "A train leaves at 3pm going 60 mph; when does it arrive 150 miles away?"]
 
 
-def left_pad(prompts, pad):
-    P = max(map(len, prompts))
-    ids = torch.full((len(prompts), P), pad)
-    mask = torch.zeros(len(prompts), P, dtype=torch.long)
-    for i, p in enumerate(prompts):
-        ids[i, P - len(p):] = torch.tensor(p)
-        mask[i, P - len(p):] = 1
-    return ids, mask
-
-
 class Bigram(torch.nn.Module):
     """Wraps a model and adds `strength` to the logit of b whenever the input token is a:
     a deterministic way to make a random model write ```python blocks. Applied at every
@@ -61,7 +51,7 @@ def test_greedy_matches_generate_batched(tiny, tok):
     prompts = [M.chat_prompt(tok, q) for q in QUESTIONS]
     assert len({len(p) for p in prompts}) > 1, "prompts must differ in length"
     outs = M.sample(tiny, tok, prompts, max_new_tokens=24, greedy=True, code=False)
-    ids, mask = left_pad(prompts, tok.pad_token_id)
+    ids, mask = M.left_pad(prompts, tok.pad_token_id)
     ref = tiny.generate(input_ids=ids, attention_mask=mask, max_new_tokens=24, do_sample=False,
                         pad_token_id=tok.pad_token_id)
     for i, o in enumerate(outs):
