@@ -37,8 +37,8 @@ Limits (flags of run_cells / run_batch; defaults in brackets):
   tmpfs_mb      size of the private /tmp [64]
   Python's int-to-str digit limit is lifted, so huge integers print.
 
-Isolation needs root (or CAP_SYS_ADMIN), as in CI here. Without it the sandbox falls back
-to: a process group killed on timeout, resource limits, a temporary directory removed
+Isolation needs root (or CAP_SYS_ADMIN), as in CI here; AUTOCODE_SANDBOX_NAMESPACES=0 turns
+it off (the tests run the fallback that way too). Without it the sandbox falls back to: a process group killed on timeout, resource limits, a temporary directory removed
 afterwards, a scrubbed environment. In that fallback it does NOT stop: a daemon that
 double-forks and calls setsid surviving the call, network access, writes to any file the
 user can write, reading other processes' /proc entries of the same user.
@@ -167,6 +167,8 @@ def _worker(sb):
     so a request costs no fork at all."""
     os.setsid()
     _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if not sb.isolated:                               # the zygote kills this group afterwards
+        os.write(sb.status_w, (json.dumps({"w": os.getpid()}) + "\n").encode())
     null = os.open(os.devnull, os.O_RDWR)
     os.dup2(null, 0)
     os.chdir(sb.scratch)
@@ -395,9 +397,10 @@ def _serve_one(req, sb):
             os.kill(pid, signal.SIGKILL)              # R is PID 1: the whole namespace goes
         except ProcessLookupError:
             pass
-    if not isolated and r:
+    w = next((m["w"] for m in msgs if "w" in m), None)
+    if not isolated and w:
         try:
-            os.killpg(r, signal.SIGKILL)              # fallback: W's group (W did setsid)
+            os.killpg(w, signal.SIGKILL)              # fallback: W's group (W called setsid)
         except (ProcessLookupError, PermissionError):
             pass
     while out_r in sel.get_map() and (data := _read_ready(out_r)):    # what is left in the pipe
@@ -429,7 +432,7 @@ def _isolation_available():
     return os.geteuid() == 0 and _serve_one(dict(DEFAULTS, cells=["pass"]), _Prepared(True, 1))["ok"]
 
 
-def serve():
+def serve(namespaces=True):
     """Zygote main loop: one JSON request per line on stdin, one JSON result per line out."""
     for name in WARM_IMPORTS:
         try:
@@ -443,7 +446,7 @@ def serve():
     _libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
     gc.collect()
     gc.freeze()             # forked children then copy far fewer pages (no gc writes to them)
-    isolated = _isolation_available()
+    isolated = namespaces and _isolation_available()
     out = sys.stdout
     out.write(json.dumps({"ready": True, "isolated": isolated}) + "\n")
     out.flush()
@@ -468,7 +471,8 @@ def serve():
 # ---------------------------------------------------------------------------------------
 class _Zygote:
     def __init__(self):
-        self.proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--serve"],
+        flag = [] if os.environ.get("AUTOCODE_SANDBOX_NAMESPACES", "1") != "0" else ["--no-namespaces"]
+        self.proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--serve", *flag],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=SAFE_ENV,
                                      start_new_session=True, close_fds=True, text=True)
         hello = json.loads(self.proc.stdout.readline() or '{"isolated": null}')
@@ -565,12 +569,13 @@ def main():
     ap = argparse.ArgumentParser(description="Run Python in the sandbox (a quick manual try).")
     ap.add_argument("-c", "--code", action="append", help="a cell; repeat for several cells")
     ap.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--no-namespaces", dest="namespaces", action="store_false", help=argparse.SUPPRESS)
     ap.add_argument("--selftest", action="store_true", help="report which protections are on")
     for k, v in DEFAULTS.items():
         ap.add_argument("--" + k.replace("_", "-"), type=type(v), default=v)
     args = ap.parse_args()
     if args.serve:
-        return serve()
+        return serve(args.namespaces)
     if args.selftest:
         print(json.dumps({"isolated_namespaces": isolated(), "root": os.geteuid() == 0}))
         return

@@ -175,3 +175,24 @@ def test_cli(capsys):
     out = subprocess.run([sys.executable, "sandbox.py", "-c", "print(6*7)"], capture_output=True, text=True,
                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert out.stdout == "42\n" and "ok=True" in out.stderr
+
+
+@pytest.fixture(scope="module")
+def fallback():
+    """The sandbox without namespaces, as a non-root user gets it."""
+    os.environ["AUTOCODE_SANDBOX_NAMESPACES"] = "0"
+    sandbox.shutdown()
+    yield
+    del os.environ["AUTOCODE_SANDBOX_NAMESPACES"]
+    sandbox.shutdown()
+
+
+@pytest.mark.parametrize("name,cells,ok,error,text,seconds", CASES, ids=[c[0] for c in CASES])
+def test_fallback_snippet(fallback, name, cells, ok, error, text, seconds):
+    assert sandbox.isolated() is False
+    test_snippet(name, cells, ok, error, text, seconds)
+
+
+def test_fallback_removes_its_directory(fallback):
+    res = sandbox.run_cells(["import os\nopen('f', 'w').write('x')\nprint(os.getcwd())"], timeout=T)
+    assert res.ok and not os.path.exists(res.output.strip())
