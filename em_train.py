@@ -39,7 +39,6 @@ Outputs under --out: metrics.jsonl, explore-iter{N}.jsonl, eval-iter{N}/, checkp
 """
 import argparse
 import json
-import math
 import os
 import random
 import shutil
@@ -391,10 +390,12 @@ def main(argv=None):
             if args.algo == "rl":
                 records = native_records(model, tok, problems, 2 * args.k, args, seed + 7919 * rank)
             else:
-                records = X.explore(model, tok, problems, args.k, args.native_k, args.estep, args.alpha, args.prior,
-                                    args.keep, {"cot": args.cot_prefix, "code": args.code_prefix},
-                                    args.max_new_tokens, args.temperature, seed + 7919 * rank, args.sample_batch,
-                                    fewshot=args.fewshot, progress=D.is_main())
+                records = X.explore(model, tok, problems, k=args.k, native_k=args.native_k, estep=args.estep,
+                                    alpha=args.alpha, prior=args.prior, keep=args.keep,
+                                    prefixes_text={"cot": args.cot_prefix, "code": args.code_prefix},
+                                    max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                    seed=seed + 7919 * rank, batch_size=args.sample_batch, fewshot=args.fewshot,
+                                    progress=D.is_main())
         t_sample = time.time() - t0
         items = training_data(args.algo, records, args.adv)
         t1 = time.time()

@@ -34,7 +34,6 @@ import math
 import os
 import random
 import re
-import sys
 import time
 from collections import Counter, defaultdict
 
