@@ -176,6 +176,10 @@ def main():
     args.what = args.what or ["all"]
     if set(args.what) - {"all", "sampler", "code", "sandbox"}:
         ap.error(f"unknown benchmark in {args.what}: choose from all, sampler, code, sandbox")
+    for flag in ("--batches", "--new-tokens", "--code-prompts", "--reps"):
+        value = getattr(args, flag[2:].replace("-", "_"))
+        if min(value if isinstance(value, list) else [value]) < 1:
+            raise SystemExit(f"error: {flag} must be >= 1 (got {value})")
     print(f"machine: {os.cpu_count()} cores, torch {torch.__version__}, threads {torch.get_num_threads()}, "
           f"cuda {torch.cuda.is_available()}")
     if {"all", "sandbox"} & set(args.what):

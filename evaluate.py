@@ -34,6 +34,8 @@ import math
 import os
 import random
 import re
+import tempfile
+import textwrap
 import time
 from collections import Counter, defaultdict
 
@@ -160,8 +162,13 @@ def load_problems(path, limit=None, seed=0, shuffle=False):
         problems = builtin_problems(split, n=limit or 200, seed=0)
     elif os.path.exists(path):
         problems = []
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
+        with open(path, "rb") as f:
+            for lineno, raw in enumerate(f, 1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    _bad(path, lineno, f"not UTF-8 text (byte {raw[e.start]:#04x} at column {e.start + 1}); "
+                                       "expected JSON lines")
                 if not line.strip():
                     continue
                 try:
@@ -169,6 +176,8 @@ def load_problems(path, limit=None, seed=0, shuffle=False):
                 except json.JSONDecodeError as e:
                     _bad(path, lineno, f"bad JSON ({e.msg} at column {e.colno})")
                 problems.append(parse_record(rec, path, lineno))
+        if not problems:
+            raise SystemExit(f"error: {path}: no problems (the file is empty or has only blank lines)")
     else:
         problems = _load_hub(path)
     if shuffle:
@@ -227,6 +236,59 @@ def write_json_atomic(path, obj):
     os.replace(tmp, path)
 
 
+class Progress:
+    """A tqdm bar over rollouts that moves while they are sampled, with tokens/s and the time
+    left. Pass `hook` as model.sample's `progress=`: the sampler calls it after every decode
+    step with (tokens sampled in that step, rows that finished in it). After each sample call,
+    batch_done(outs) settles the counts with what came back, so the totals are exact even from
+    a sampler that reported nothing.
+
+    Time left = tokens still to sample / tokens per second, where a rollout not yet returned
+    is expected to be as long as the returned ones on average (max_new_tokens until one is):
+    rollouts of a batch finish together, so their own rate says little until late."""
+
+    def __init__(self, total, desc, enabled=True, max_new_tokens=None):
+        self.bar = tqdm(total=total, desc=desc, unit="rollout", disable=not enabled,
+                        bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]")
+        self.hook = self if enabled else None
+        self.max_new_tokens = max_new_tokens
+        self.tokens = self.rows = 0                 # what the batches already returned hold
+        self.batch_tokens = self.batch_rows = 0     # what the hook reported of the batch under way
+        self.start = time.time()
+
+    def __call__(self, new_tokens, finished_rows):
+        self.batch_tokens += new_tokens
+        self.batch_rows += finished_rows
+        self._show(finished_rows)
+
+    def batch_done(self, outs):
+        unreported = max(len(outs) - self.batch_rows, 0)
+        self.tokens += sum(o.n_sampled for o in outs)
+        self.rows += len(outs)
+        self.batch_tokens = self.batch_rows = 0
+        self._show(unreported)
+
+    def tokens_per_s(self):
+        return (self.tokens + self.batch_tokens) / max(time.time() - self.start, 1e-9)
+
+    def seconds_left(self):
+        per_rollout = self.tokens / self.rows if self.rows else self.max_new_tokens
+        rate = self.tokens_per_s()
+        if per_rollout is None or rate <= 0:
+            return None
+        return max((self.bar.total - self.rows) * per_rollout - self.batch_tokens, 0) / rate
+
+    def _show(self, rows):
+        left = self.seconds_left()
+        self.bar.set_postfix_str(f"{self.tokens_per_s():.0f} tok/s" +
+                                 (f", ~{tqdm.format_interval(left)} left" if left is not None else ""),
+                                 refresh=False)
+        self.bar.update(rows)                       # redraws at most every 0.1 s, also when rows == 0
+
+    def close(self):
+        self.bar.close()
+
+
 def run(model, tok, problems, modes, out_dir, n=1, temperature=0.0, max_new_tokens=512, batch_size=16,
         seed=0, fewshot=True, progress=True):
     """Sample, grade and record every (problem, mode, sample). Returns all records."""
@@ -237,7 +299,7 @@ def run(model, tok, problems, modes, out_dir, n=1, temperature=0.0, max_new_toke
     done = {(r["id"], r["mode"], r["sample"]) for r in records}
     todo = [(p, mode, k) for mode in modes for p in problems for k in range(n) if (p["id"], mode, k) not in done]
     timing = defaultdict(lambda: [0.0, 0])
-    bar = tqdm(total=len(todo), desc="evaluate", disable=not progress, unit="sample")
+    bar = Progress(len(todo), "evaluate", enabled=progress, max_new_tokens=max_new_tokens)
     with open(path, "a") as f:
         for start in range(0, len(todo), batch_size):
             chunk = todo[start:start + batch_size]
@@ -247,7 +309,8 @@ def run(model, tok, problems, modes, out_dir, n=1, temperature=0.0, max_new_toke
                 t = time.time()
                 outs = M.sample(model, tok, list(prompts), list(prefixes), max_new_tokens=max_new_tokens,
                                 greedy=temperature == 0, temperature=max(temperature, 1e-5),
-                                seed=seed + start, code=MODES[mode]["code"])
+                                seed=seed + start, code=MODES[mode]["code"], progress=bar.hook)
+                bar.batch_done(outs)
                 timing[mode][0] += time.time() - t
                 timing[mode][1] += sum(o.n_sampled for o in outs)
                 for (p, k), o in zip(part, outs):
@@ -259,7 +322,6 @@ def run(model, tok, problems, modes, out_dir, n=1, temperature=0.0, max_new_toke
                     f.write(json.dumps(rec) + "\n")
                     records.append(rec)
                 f.flush()
-                bar.update(len(part))
     bar.close()
     return records, {m: {"seconds": s, "tokens": n_, "tokens_per_s": n_ / s if s else None}
                      for m, (s, n_) in timing.items()}
@@ -326,14 +388,18 @@ def summarize(records, modes):
 
 
 def print_table(summary, timing, wall):
-    cols = ["accuracy", "pass@", "maj@", "code_rate", "mean_code_calls", "exec_error_rate", "no_answer_rate"]
-    print(f"\n{'mode':<11} {'n':>4} " + " ".join(f"{c[:14]:>14}" for c in cols) + f" {'tok/s':>7}")
-    for mode, s in summary.items():
-        if mode == "selection_accuracy":
-            continue
-        vals = [s[next(k for k in s if k.startswith(c))] for c in cols]
+    modes = {m: s for m, s in summary.items() if m != "selection_accuracy"}
+    if not modes:
+        return
+    names = ["accuracy", "pass@{}", "maj@{}", "code_rate", "mean_code_calls", "exec_error_rate", "no_answer_rate"]
+    n = next(iter(modes.values()))["samples_per_problem"]
+    widths = [max(8, len(c.format(n))) for c in names]           # every header whole (was cut at 14)
+    print(f"\n{'mode':<11} {'n':>4} " + " ".join(f"{c.format(n):>{w}}" for c, w in zip(names, widths)) +
+          f" {'tok/s':>7}")
+    for mode, s in modes.items():
+        vals = [s[c.format(s["samples_per_problem"])] for c in names]
         tps = (timing.get(mode) or {}).get("tokens_per_s")
-        print(f"{mode:<11} {s['problems']:>4} " + " ".join(f"{v:>14.3f}" for v in vals) +
+        print(f"{mode:<11} {s['problems']:>4} " + " ".join(f"{v:>{w}.3f}" for v, w in zip(vals, widths)) +
               (f" {tps:>7.1f}" if tps else f" {'-':>7}"))
     if "selection_accuracy" in summary and summary["selection_accuracy"]["value"] is not None:
         sa = summary["selection_accuracy"]
@@ -343,6 +409,99 @@ def print_table(summary, timing, wall):
             if mode != "selection_accuracy" and key in s:
                 print(f"{mode} {key}: " + ", ".join(f"{g}={v:.2f}" for g, v in s[key].items()))
     print(f"wall time {wall:.0f} s")
+
+
+# ---------------------------------------------------------------------------------------
+# Checking arguments, and the plan printed at the start (shared by the entry points)
+# ---------------------------------------------------------------------------------------
+def fail(message):
+    raise SystemExit(f"error: {message}")
+
+
+def check_numbers(args, positive=(), non_negative=()):
+    """Each named flag's value (None = unset, passes) must be finite and > 0, or >= 0."""
+    for flag in positive + non_negative:
+        value = getattr(args, flag[2:].replace("-", "_"))
+        if value is None:
+            continue
+        ok = value > 0 if flag in positive else value >= 0
+        if not ok or not math.isfinite(value):
+            fail(f"{flag} must be {'> 0' if flag in positive else '>= 0'} (got {value})")
+
+
+def check_data(path, flag="--data"):
+    """A built-in split, a JSON-lines file (parsed in full here, so a bad line, a binary or an
+    empty file stops the run before the model loads), or else a hub dataset id. Returns the
+    number of problems in a file, None otherwise."""
+    if path.startswith("builtin"):
+        load_problems(path, limit=1)                 # the loader refuses an unknown split
+        return None
+    if os.path.isdir(path):
+        fail(f"{flag} {path} is a directory; give a JSON-lines file")
+    if os.path.exists(path):
+        return len(load_problems(path))
+    if path.endswith((".jsonl", ".json")) or path.startswith(("/", ".", "~")) or path.count("/") > 1:
+        fail(f"{flag} {path}: no such file")
+    return None
+
+
+def check_writable(path, flag="--out", file=False):
+    """The directory that will hold `path` (a directory, or a file's folder) can be created and
+    written: a temporary directory is made in its nearest existing ancestor and removed again."""
+    target = os.path.abspath(path)
+    if file and os.path.isdir(target):
+        fail(f"{flag} {path} is a directory; give a file name")
+    if not file and os.path.exists(target) and not os.path.isdir(target):
+        fail(f"{flag} {path} exists and is not a directory")
+    base = os.path.dirname(target) if file else target
+    while not os.path.exists(base):
+        base = os.path.dirname(base)
+    if not os.path.isdir(base):
+        fail(f"{flag} {path}: {base} is a file, not a directory")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".write-check-", dir=base))
+    except OSError as e:
+        fail(f"{flag} {path}: cannot create files under {base} ({e.strerror})")
+
+
+# Seconds per rollout per allowed new token, from the README's Results on a 2-core CPU: one
+# default em_train.py iteration (96 E-step + 48 evaluation rollouts of up to 256 tokens, and
+# the M-step) took 8.1 min; `--model tiny --iterations 2` took 76 s. Only the plans use them.
+SECONDS_PER_ROLLOUT_TOKEN = {("smollm2-135m", "cpu"): 8.1 * 60 / (144 * 256), ("tiny", "cpu"): 38 / (144 * 256)}
+
+
+def expected_time(model, device, rollouts, max_new_tokens, iterations=1):
+    """'about 24 min (8 min per iteration) on a 2-core CPU ...' from the table above, or a
+    sentence saying that it has no row for this model and device."""
+    rate = SECONDS_PER_ROLLOUT_TOKEN.get((model, (device or "cpu").split(":")[0]))
+    if rate is None:
+        return f"not measured for {model} on {device}; the progress bars show the time left once rollouts finish"
+    minutes = rate * rollouts * max_new_tokens / 60
+
+    def fmt(m):
+        return f"{m:.0f} min" if m >= 1 else "under a minute"
+    each = f" ({fmt(minutes)} per iteration)" if iterations > 1 else ""
+    return (f"about {fmt(minutes * iterations)}{each} on a 2-core CPU (measured there; this machine has "
+            f"{os.cpu_count()} cores)")
+
+
+def print_plan(text):
+    print(textwrap.fill(" ".join(text.split()), width=100), flush=True)
+
+
+def check_args(args):
+    """Every flag and file of evaluate.py, before the model loads or anything is written."""
+    if args.limit is not None and args.limit < 1:
+        fail(f"--limit must be >= 1 (got {args.limit}); leave it out to use every problem")
+    check_numbers(args, positive=("--n", "--max-new-tokens", "--batch-size"),
+                  non_negative=("--temperature",))
+    if args.n > 1 and args.temperature == 0:
+        fail("--n > 1 needs --temperature > 0 (greedy samples are identical)")
+    check_data(args.data)
+    if args.out is None:
+        name = f"{os.path.basename(args.data)}-{os.path.basename(args.model.rstrip('/'))}"
+        args.out = os.path.join("results", re.sub(r"[^A-Za-z0-9_.-]+", "_", name))
+    check_writable(args.out)
 
 
 def main(argv=None):
@@ -362,16 +521,21 @@ def main(argv=None):
     ap.add_argument("--no-fewshot", dest="fewshot", action="store_false", help="zero-shot prompts (drop FEWSHOT)")
     ap.add_argument("--out", default=None, help="output directory (default results/<data>-<model>)")
     args = ap.parse_args(argv)
-    if args.n > 1 and args.temperature == 0:
-        raise SystemExit("error: --n > 1 needs --temperature > 0 (greedy samples are identical)")
+    check_args(args)
     import torch
     import model as M
     problems = load_problems(args.data, args.limit, args.seed, args.shuffle)
-    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{os.path.basename(args.data)}-{os.path.basename(args.model.rstrip('/'))}")
-    out = args.out or os.path.join("results", name)
+    out = args.out
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    rollouts = len(problems) * len(args.modes) * args.n
+    print_plan(f"""Plan: evaluate {args.model} ({args.dtype} on {device}) on {args.data}: {len(problems)} problems x
+        {len(args.modes)} modes ({', '.join(args.modes)}) x {args.n} sample(s) = {rollouts} rollouts of up to
+        {args.max_new_tokens} new tokens, {'greedy' if args.temperature == 0 else f'temperature {args.temperature}'},
+        {'with' if args.fewshot else 'without'} the few-shot demonstration. Expected time:
+        {expected_time(args.model, device, rollouts, args.max_new_tokens)}. Samples go to
+        {os.path.join(out, 'samples.jsonl')} as they are graded (the same --out again resumes); the metrics and the
+        exact prompts to {os.path.join(out, 'summary.json')}.""")
     model, tok = M.load_model(args.model, args.dtype, device)
-    print("prompts:", json.dumps(MODES, indent=1), "\nfew-shot demonstration:", json.dumps(FEWSHOT if args.fewshot else None))
     t = time.time()
     records, timing = run(model, tok, problems, args.modes, out, n=args.n, temperature=args.temperature,
                           max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, seed=args.seed,
