@@ -11,24 +11,40 @@ Each iteration (paper section 2, "M-step" and "loop"):
 
      ratio = pi_theta(y_t | ...) / pi_old(y_t | ...) on the tokens the model sampled (prompt,
      forced prefix and execution output are masked out); A = the rewards of one query's
-     rollouts whitened by their mean and std (all-equal rewards give A = 0); log pi(c|x) =
-     the log-probability of decision c's prefix, the decision-alignment term.
-     This is a bare clip of the ratio times A, as transcribed from the paper, not PPO's min.
+     rollouts whitened by their mean and std (all-equal rewards give A = 0). This is a bare
+     clip of the ratio times A, as transcribed from the paper, not PPO's min.
+     log pi_theta(c|x), the decision-alignment term: the model's probability of decision
+     c's opening (its forcing prefix), normalised over the two decisions, so the term is a
+     cross-entropy between s_star and pi and moves only which opening the model prefers.
+     Both terms are normalised per optimiser step, whatever its split into micro-batches:
+     the ratio term by the step's sampled tokens, the decision term by the step's queries,
+     each query counted once (`plan_step`; a test checks the gradient is split-invariant).
+     A query on which both decisions scored the same (all rewards equal included) says
+     nothing about c, so by default it adds no decision term (`--decision-queries all`
+     restores the literal form, `--decision-form raw` the unnormalised prefix log-prob).
   4. Log one JSON line of metrics, evaluate every `--eval-every`, checkpoint atomically.
 
-Baselines, one flag away (`--algo`), each sampling the same number of rollouts per query (2K):
+Baselines, one flag away (`--algo`). What is equal across them, per query: the rollouts
+sampled (2K prefix-forced + `--native-k` unforced for em and sft; 2K + native_k unforced for
+rl), and the M-step budget: at most `--keep` (default K) items, with the same --epochs,
+--batch-size, --grad-accum and lr, hence the same number of optimiser steps (sft: fewer where
+fewer than `keep` rollouts succeeded).
   em   the above (default)
-  rl   the paper's "standard RL": the same ratio term on 2K native (unforced) rollouts; no
-       E-step, no decision term
-  sft  rejection-sampled fine-tuning: negative log-likelihood of the successful prefix-forced
-       rollouts (prefix and sampled tokens; execution output masked)
+  rl   the paper's "standard RL": the same ratio term on `keep` of the query's native
+       (unforced) rollouts, drawn uniformly, whitened over all of them; no E-step, no
+       decision term
+  sft  rejection-sampled fine-tuning: negative log-likelihood of up to `keep` successful
+       prefix-forced rollouts (prefix and sampled tokens; execution output masked)
 
 Choices the paper leaves open (flags): `--is-mode surrogate` (gradient through the clipped
 ratio: zero outside the clip range) or `weighted_nll` (stop-gradient clipped ratio times
-log pi); `--ratio token|sequence`; `--adv whiten|raw`; whitening statistics are taken over all
-2K rollouts of the query (the E-step's estimate), not only the kept ones; `--decision-coef`
-(lambda) 1; `--kl-coef` 0 (k3 estimate against pi_old, if set); AdamW, lr 1e-6, grad-norm
-clip 1.0; sampling temperature 1.0, which the loss also uses so that ratio = 1 on-policy.
+log pi); `--ratio token|sequence|sequence_mean` (the plain sequence ratio drifts with length
+and, clipped, soon carries no gradient; sequence_mean is its length-normalised form);
+`--adv whiten|raw`; whitening statistics are taken over all of a query's rollouts, not
+only the kept ones; `--decision-coef` (lambda) 1; `--kl-coef` 0 (if set, the k3 estimate of
+KL(pi_old || pi_theta) on the sampled tokens); AdamW, grad-norm clip 1.0. Sampling is plain
+temperature sampling, which the loss also uses so that ratio = 1 on-policy; top-p and
+top-k are refused in training, because teacher forcing uses the full softmax.
 
 Run:  python em_train.py                                     # SmolLM2-135M, built-in task, CPU
       python em_train.py --model tiny --iterations 2        # the whole loop in about a minute
@@ -44,6 +60,7 @@ import random
 import shutil
 import sys
 import time
+import zipfile
 
 import numpy as np
 import torch
@@ -70,6 +87,11 @@ def ratio_term(logp, old, sampled, adv, clip_eps=0.2, is_mode="surrogate", ratio
     logp: list of [R_i] teacher-forced log-probs (with grad); old: list of [R_i] behaviour
     log-probs; sampled: list of [R_i] bool masks; adv: list of floats. Returns (sum over the
     aggregation units, number of units, stats dict) so callers can average across micro-batches.
+    ratio: "token" (one ratio per sampled token), "sequence" (the product over the sequence:
+    exp of the summed log-ratio; it drifts with length, so after one step at a moderate lr
+    most sequences sit outside the clip range and, with the surrogate, get no gradient), or
+    "sequence_mean" (exp of the mean per-token log-ratio: a length-normalised sequence ratio
+    that stays near 1 as long as each token's ratio does).
     """
     total, units = 0.0, 0
     ratios, clipped = [], 0
@@ -77,19 +99,16 @@ def ratio_term(logp, old, sampled, adv, clip_eps=0.2, is_mode="surrogate", ratio
         lp, lo = lp[m], lo[m]
         if lp.numel() == 0:
             continue
-        if ratio == "token":
-            rho = torch.exp(lp - lo)
-            units_i = lp.numel()
-        else:
-            rho = torch.exp((lp - lo).sum()).reshape(1)
-            units_i = 1
+        log_rho = {"token": lambda: lp - lo, "sequence": lambda: (lp - lo).sum().reshape(1),
+                   "sequence_mean": lambda: (lp - lo).mean().reshape(1)}[ratio]()
+        rho = torch.exp(log_rho)
         rho_c = rho.clamp(1 - clip_eps, 1 + clip_eps)
         if is_mode == "surrogate":
             term = -(rho_c * a)
-        else:
+        else:                      # stop-gradient weight on log pi: the same direction, no zeroing
             term = -(rho_c.detach() * a) * (lp if ratio == "token" else lp.sum().reshape(1))
         total = total + term.sum()
-        units += units_i
+        units += rho.numel()
         ratios.append(rho.detach())
         clipped += int(((rho.detach() < 1 - clip_eps) | (rho.detach() > 1 + clip_eps)).sum())
     allr = torch.cat(ratios) if ratios else torch.ones(1)
@@ -97,49 +116,80 @@ def ratio_term(logp, old, sampled, adv, clip_eps=0.2, is_mode="surrogate", ratio
                           "clipped": clipped, "ratio_n": int(allr.numel())}
 
 
+def k3(logp, old):
+    """Per-token k3 estimate of KL(pi_old || pi_theta) for tokens sampled from pi_old:
+    rho - 1 - log rho with rho = pi_theta / pi_old. Its expectation under pi_old is exactly
+    that KL, and every term is >= 0 (Schulman's "approximating KL divergence" note)."""
+    log_rho = logp - old
+    return torch.exp(log_rho) - 1 - log_rho
+
+
 def kl_term(logp, old, sampled):
-    """k3 estimate of KL(pi_old || pi_theta) on sampled tokens, summed; and its token count."""
+    """The k3 estimate summed over the sampled tokens of a micro-batch, and their count."""
     total, n = 0.0, 0
     for lp, lo, m in zip(logp, old, sampled):
-        d = lo[m] - lp[m]
-        total = total + (torch.exp(d) - d - 1).sum()
+        total = total + k3(lp[m], lo[m]).sum()
         n += int(m.sum())
     return total, n
 
 
-def decision_term(model, prompts, prefixes, s_star, temperature=1.0):
-    """-sum_c s_star(c|x) * log pi_theta(prefix_c | x), summed over the given queries."""
+def decision_logprobs(model, prompts, prefixes, temperature=1.0, form="normalized"):
+    """log pi_theta(c|x) for every prompt and decision, as a [queries, decisions] tensor.
+
+    form="normalized" (default): pi(c|x) is the model's preference between the decisions'
+    openings, p(prefix_c|x) normalised over c, so the decision term below is a cross-entropy
+    between s_star and pi and moves only the relative preference. form="raw": the summed
+    log-probability of each prefix, unnormalised, so the term also makes both openings more
+    likely whatever s_star says (prefix imitation)."""
     cs = list(prefixes)
     lps = M.sequence_logprobs(model, [p for p in prompts for _ in cs], [prefixes[c] for _ in prompts for c in cs],
                               temperature)
-    total = 0.0
-    for qi, s in enumerate(s_star):
-        for ci, c in enumerate(cs):
-            total = total - s[c] * lps[qi * len(cs) + ci].sum()
-    return total
+    logp = torch.stack([lp.sum() for lp in lps]).reshape(len(prompts), len(cs))
+    return torch.log_softmax(logp, dim=1) if form == "normalized" else logp
+
+
+def decision_term(model, prompts, prefixes, s_star, temperature=1.0, form="normalized"):
+    """-sum_c s_star(c|x) * log pi_theta(c|x), summed over the given queries."""
+    logp = decision_logprobs(model, prompts, prefixes, temperature, form)
+    weights = torch.tensor([[s[c] for c in prefixes] for s in s_star], dtype=logp.dtype, device=logp.device)
+    return -(weights * logp).sum()
+
+
+def informative(record):
+    """Does a query carry evidence about c? Not when both decisions scored the same
+    (all rewards equal included): then s_star only echoes the prior, and training pi(c|x)
+    towards it would be imitation of the prefixes, not learning when to code."""
+    return record["q_hat"]["cot"] != record["q_hat"]["code"]
 
 
 # ---------------------------------------------------------------------------------------
 # Data for the M-step
 # ---------------------------------------------------------------------------------------
-def training_data(algo, records, adv_mode):
-    """Turn rollout records into M-step items: tokens, masks, behaviour log-probs, A."""
+def training_data(algo, records, adv_mode, keep, rng):
+    """Turn rollout records into M-step items: tokens, masks, behaviour log-probs, A.
+
+    The M-step budget is the same for every --algo: at most `keep` items per query.
+    em trains on the E-step's subsample (drawn with weights s_star, `kept`); rl on `keep` of
+    its native rollouts drawn uniformly; sft on up to `keep` successful forced rollouts drawn
+    uniformly (fewer where fewer succeeded). Advantages are whitened over all of a query's
+    rollouts, kept or not."""
     groups = {}
     for r in records:
         groups.setdefault(r["query_id"], []).append(r)
     items = []
     for qid, rs in groups.items():
         adv = whiten([r["reward"] for r in rs]) if adv_mode == "whiten" else [r["reward"] for r in rs]
-        for r, a in zip(rs, adv):
-            if algo == "em" and not r["kept"]:
-                continue
-            if algo == "sft" and r["reward"] < 1:
-                continue
-            train_mask = list(r["sampled"])
+        if algo == "em":
+            chosen = [i for i, r in enumerate(rs) if r["kept"]]
+        else:
+            pool = [i for i, r in enumerate(rs) if algo == "rl" or r["reward"] >= 1]
+            chosen = sorted(rng.sample(pool, min(keep, len(pool))))
+        for i in chosen:
+            r, train_mask = rs[i], list(rs[i]["sampled"])
             if algo == "sft":              # imitate the decision prefix too
-                train_mask = [m or i < r["n_prefix"] for i, m in enumerate(r["sampled"])]
+                train_mask = [m or j < r["n_prefix"] for j, m in enumerate(r["sampled"])]
             items.append({"query_id": qid, "prompt_ids": r["prompt_ids"], "response_ids": r["response_ids"],
-                          "mask": train_mask, "old": r["behaviour_logprobs"], "adv": a})
+                          "mask": train_mask, "old": r["behaviour_logprobs"], "adv": adv[i]})
     return items
 
 
@@ -149,10 +199,12 @@ def native_records(model, tok, problems, n, args, seed):
                for p in problems]
     jobs = [qi for qi in range(len(problems)) for _ in range(n)]
     records = []
-    for start in tqdm(range(0, len(jobs), args.sample_batch), desc="rollouts", unit="batch"):
+    bar = E.Progress(len(jobs), "rollouts", enabled=D.is_main(), max_new_tokens=args.max_new_tokens)
+    for start in range(0, len(jobs), args.sample_batch):
         part = jobs[start:start + args.sample_batch]
         outs = M.sample(model, tok, [prompts[qi] for qi in part], max_new_tokens=args.max_new_tokens,
-                        temperature=args.temperature, seed=seed * 100003 + start)
+                        temperature=args.temperature, seed=seed * 100003 + start, progress=bar.hook)
+        bar.batch_done(outs)
         for qi, o in zip(part, outs):
             p = problems[qi]
             records.append({"query_id": p["id"], "query": p["question"], "answer": p["answer"], "decision": "native",
@@ -160,19 +212,40 @@ def native_records(model, tok, problems, n, args, seed):
                             "code_calls": len(o.code_calls), "prompt_ids": o.prompt_ids,
                             "response_ids": o.response_ids, "sampled": o.sampled, "n_prefix": 0,
                             "behaviour_logprobs": o.logprobs})
+    bar.close()
     return records
 
 
 # ---------------------------------------------------------------------------------------
 # The M-step
 # ---------------------------------------------------------------------------------------
-def micro_loss(model, mb, ctx, args, stats):
+def plan_step(step, batch_size, ctx, args):
+    """Split one optimiser step into micro-batches and fix what normalises its loss, so the
+    step's gradient does not depend on how it is split: the ratio term is averaged over the
+    step's units (tokens or sequences), the decision term over the step's queries, and each
+    query's decision term is added once, in the first micro-batch that holds one of its items."""
+    micro = [step[j:j + batch_size] for j in range(0, len(step), batch_size)]
+    per_token = args.ratio == "token" or args.algo == "sft"
+    first = {}
+    for j, mb in enumerate(micro):
+        for it in mb:
+            first.setdefault(it["query_id"], j)
+    use = lambda q: args.algo == "em" and (args.decision_queries == "all" or informative(ctx["record_of"][q]))  # noqa
+    decide = [[q for q, j0 in first.items() if j0 == j and use(q)] for j in range(len(micro))]
+    ctx.update(units=max(1, sum(sum(it["mask"]) if per_token else 1 for it in step)),
+               tokens=max(1, sum(sum(it["mask"]) for it in step)), queries=max(1, len(first)))
+    return micro, decide
+
+
+def micro_loss(model, mb, decide, ctx, args, stats):
     """The loss of one micro-batch, normalised by its whole optimiser step (ctx), so the
-    micro-batches of a step simply add up. Records loss terms and ratio stats in `stats`."""
+    micro-batches of a step simply add up. `decide`: the queries whose decision term this
+    micro-batch carries. Adds the loss terms to ctx["terms"] and ratio stats to `stats`."""
     logp = M.sequence_logprobs(model, [it["prompt_ids"] for it in mb], [it["response_ids"] for it in mb],
                                args.temperature)
-    masks = [torch.tensor(it["mask"], dtype=torch.bool) for it in mb]
-    old = [torch.tensor(it["old"], dtype=torch.float32) for it in mb]
+    dev = logp[0].device                       # every tensor of the loss lives where the model does
+    masks = [torch.tensor(it["mask"], dtype=torch.bool, device=dev) for it in mb]
+    old = [torch.tensor(it["old"], dtype=torch.float32, device=dev) for it in mb]
     if args.algo == "sft":
         loss = -sum(lp[m].sum() for lp, m in zip(logp, masks)) / ctx["units"]
         ctx["terms"]["loss_sft"] += loss.item()
@@ -180,18 +253,18 @@ def micro_loss(model, mb, ctx, args, stats):
     total, _, st = ratio_term(logp, old, masks, [it["adv"] for it in mb], args.clip_eps, args.is_mode, args.ratio)
     loss = total / ctx["units"]
     ctx["terms"]["loss_ratio"] += loss.item()
-    stats["ratio_mean"].append(st["ratio_mean"])
-    stats["ratio_max"].append(st["ratio_max"])
+    for key in ("ratio_mean", "ratio_max"):
+        stats[key].append(st[key])
     stats["clipped"] += st["clipped"]
     stats["ratio_n"] += st["ratio_n"]
     if args.kl_coef:
         kl, _ = kl_term(logp, old, masks)
         loss = loss + args.kl_coef * kl / ctx["tokens"]
         ctx["terms"]["loss_kl"] += kl.item() / ctx["tokens"]
-    if args.algo == "em" and args.decision_coef:
-        qids = list(dict.fromkeys(it["query_id"] for it in mb))
-        d = decision_term(model, [ctx["prompt_of"][q] for q in qids], ctx["prefixes"],
-                          [ctx["s_star"][q] for q in qids], args.temperature) * args.decision_coef / ctx["queries"]
+    if args.algo == "em" and args.decision_coef and decide:
+        d = decision_term(model, [ctx["record_of"][q]["prompt_ids"] for q in decide], ctx["prefixes"],
+                          [ctx["record_of"][q]["s_star"] for q in decide], args.temperature, args.decision_form)
+        d = d * args.decision_coef / ctx["queries"]
         loss = loss + d
         ctx["terms"]["loss_decision"] += d.item()
     return loss
@@ -211,8 +284,7 @@ def m_step(model, tok, opt, items, records, args, rng):
     model.train()
     ctx = {"prefixes": {c: tok(p, add_special_tokens=False).input_ids
                         for c, p in (("cot", args.cot_prefix), ("code", args.code_prefix))},
-           "s_star": {r["query_id"]: r["s_star"] for r in records if "s_star" in r},
-           "prompt_of": {r["query_id"]: r["prompt_ids"] for r in records}}
+           "record_of": {r["query_id"]: r for r in records}}
     stats = {"loss_ratio": [], "loss_decision": [], "loss_kl": [], "loss_sft": [], "grad_norm": [],
              "ratio_mean": [], "ratio_max": [], "clipped": 0, "ratio_n": 0}
     steps = []
@@ -221,24 +293,27 @@ def m_step(model, tok, opt, items, records, args, rng):
         rng.shuffle(order)
         size = args.batch_size * args.grad_accum
         steps += [[items[i] for i in order[s:s + size]] for s in range(0, len(order), size)]
-    for s in tqdm(range(D.all_max(len(steps))), desc="M-step", unit="step", disable=not D.is_main()):
+    n_steps = D.all_max(len(steps))
+    bar = tqdm(total=sum(map(len, steps)), desc="M-step", unit="rollout", disable=not D.is_main())
+    for s in range(n_steps):
         step = steps[s] if s < len(steps) else []
-        micro = [step[j:j + args.batch_size] for j in range(0, len(step), args.batch_size)]
-        ctx.update(units=max(1, sum((sum(it["mask"]) if args.ratio == "token" or args.algo == "sft" else 1)
-                                    for it in step)),
-                   tokens=max(1, sum(sum(it["mask"]) for it in step)),
-                   queries=max(1, len({it["query_id"] for it in step})),
-                   terms={"loss_ratio": 0.0, "loss_decision": 0.0, "loss_kl": 0.0, "loss_sft": 0.0})
+        micro, decide = plan_step(step, args.batch_size, ctx, args)
+        ctx["terms"] = {"loss_ratio": 0.0, "loss_decision": 0.0, "loss_kl": 0.0, "loss_sft": 0.0}
         opt.zero_grad(set_to_none=True)
         for j in range(D.all_max(len(micro))):
-            loss = micro_loss(model, micro[j], ctx, args, stats) if j < len(micro) else padding_loss(model, ctx, args)
+            if j < len(micro):
+                loss = micro_loss(model, micro[j], decide[j], ctx, args, stats)
+            else:
+                loss = padding_loss(model, ctx, args)
             loss.backward()
+            bar.update(len(micro[j]) if j < len(micro) else 0)
         if step:
             for k, v in ctx["terms"].items():
                 stats[k].append(v)
         norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
         stats["grad_norm"].append(D.scalar(norm))
         opt.step()
+    bar.close()
     model.eval()
     mean = lambda v: sum(v) / len(v) if v else None  # noqa: E731
     terms = ["loss_sft"] if args.algo == "sft" else ["loss_ratio"]
@@ -332,8 +407,12 @@ def parse_args(argv=None):
     ap.add_argument("--max-grad-norm", type=float, default=1.0)
     ap.add_argument("--clip-eps", type=float, default=0.2)
     ap.add_argument("--decision-coef", type=float, default=1.0, help="lambda")
+    ap.add_argument("--decision-form", default="normalized", choices=["normalized", "raw"],
+                    help="log pi(c|x): prefix probability normalised over the decisions, or the raw prefix log-prob")
+    ap.add_argument("--decision-queries", default="informative", choices=["informative", "all"],
+                    help="train pi(c|x) only on queries whose decisions scored differently, or on all (literal)")
     ap.add_argument("--is-mode", default="surrogate", choices=["surrogate", "weighted_nll"])
-    ap.add_argument("--ratio", default="token", choices=["token", "sequence"])
+    ap.add_argument("--ratio", default="token", choices=["token", "sequence", "sequence_mean"])
     ap.add_argument("--adv", default="whiten", choices=["whiten", "raw"])
     ap.add_argument("--kl-coef", type=float, default=0.0)
     ap.add_argument("--sample-batch", type=int, default=32, help="rollouts sampled together")
@@ -352,12 +431,70 @@ def parse_args(argv=None):
     return args
 
 
+def check_args(args):
+    """Every flag and file, before the model loads or anything is written (one line each).
+    Returns the number of training problems in a --data file (None for built-in or hub data)."""
+    E.check_numbers(args, positive=("--train-size", "--iterations", "--queries-per-iter", "--epochs", "--lr",
+                                    "--batch-size", "--grad-accum", "--max-grad-norm", "--clip-eps",
+                                    "--sample-batch", "--eval-n"),
+                    non_negative=("--decision-coef", "--kl-coef", "--eval-every"))
+    X.check_estep_args(args, uses_prior=args.algo != "rl")
+    n_data = E.check_data(args.data, "--data")
+    if args.eval_data:
+        E.check_data(args.eval_data, "--eval-data")
+    E.check_writable(args.out)
+    ckpt = find_checkpoint(args.out) if args.resume else None
+    if ckpt:
+        check_trainer_state(os.path.join(ckpt, "trainer_state.pt"))
+    return n_data
+
+
+def check_trainer_state(path):
+    """torch.save writes a zip archive: a truncated or damaged one fails its directory or a
+    CRC here, with one line, instead of a torch traceback after the model has loaded."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            bad = z.testzip()
+    except (OSError, zipfile.BadZipFile) as e:
+        bad = str(e)
+    if bad:
+        E.fail(f"{path} is damaged ({bad}); delete that checkpoint folder to start over, or restore it")
+
+
+def print_plan(args, n_data, device, world):
+    """One paragraph at the start: what will run, how long it should take, where it goes."""
+    q, k, nk = args.queries_per_iter, args.k, args.native_k
+    rollouts = q * (2 * k + nk)
+    if args.algo == "rl":
+        how = f"{rollouts} unforced rollouts ({q} queries x {2 * k + nk})"
+    else:
+        how = f"{rollouts} rollouts ({q} queries x (2 decisions x K={k} forced + {nk} unforced))"
+    size = args.train_size if args.data.startswith("builtin") else n_data
+    data = f"{args.data} ({size} problems)" if size else args.data
+    ranks = f" x {world} ranks" if world > 1 else ""
+    evaluation, eval_rollouts = "", 0
+    if args.eval_data and args.eval_every:
+        eval_rollouts = args.eval_n * len(args.eval_modes) / args.eval_every
+        evaluation = (f", then evaluates on {args.eval_data} ({args.eval_n} problems x {len(args.eval_modes)} modes)"
+                      + (f" every {args.eval_every} iterations" if args.eval_every > 1 else ""))
+    time_left = E.expected_time(args.model, device, rollouts + eval_rollouts, args.max_new_tokens, args.iterations)
+    again = "" if args.resume else "the same command with "
+    E.print_plan(f"""Plan: {args.algo} training of {args.model} ({args.dtype} on {device}{ranks}) on {data},
+        {args.iterations} iteration{'s' * (args.iterations != 1)}. Each iteration samples {how} of up to {args.max_new_tokens} new tokens,
+        then takes {args.epochs} epoch(s) of optimiser steps on them{evaluation}. Expected time: {time_left}.
+        Output: {args.out} (metrics.jsonl, explore-iter*.jsonl, eval-iter*/, checkpoint/). Ctrl-C stops it;
+        {again}--resume continues after the last finished iteration.""")
+
+
 def main(argv=None):
     args = parse_args(argv)
+    n_data = check_args(args)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     rank, world = 0, 1
     if args.fsdp:
         rank, world, device = D.setup()
+    if D.is_main():
+        print_plan(args, n_data, device, world)
     os.makedirs(args.out, exist_ok=True)
     metrics_path = os.path.join(args.out, "metrics.jsonl")
     start_iter = 1
@@ -388,7 +525,7 @@ def main(argv=None):
         problems = rng.sample(pool, min(args.queries_per_iter, len(pool)))[rank::world]
         with D.gathered(model):
             if args.algo == "rl":
-                records = native_records(model, tok, problems, 2 * args.k, args, seed + 7919 * rank)
+                records = native_records(model, tok, problems, 2 * args.k + args.native_k, args, seed + 7919 * rank)
             else:
                 records = X.explore(model, tok, problems, k=args.k, native_k=args.native_k, estep=args.estep,
                                     alpha=args.alpha, prior=args.prior, keep=args.keep,
@@ -397,7 +534,7 @@ def main(argv=None):
                                     seed=seed + 7919 * rank, batch_size=args.sample_batch, fewshot=args.fewshot,
                                     progress=D.is_main())
         t_sample = time.time() - t0
-        items = training_data(args.algo, records, args.adv)
+        items = training_data(args.algo, records, args.adv, args.keep or args.k, rng)
         t1 = time.time()
         losses = m_step(model, tok, opt, items, records, args, rng)
         t_train = time.time() - t1
@@ -428,7 +565,9 @@ def iteration_row(it, args, records, n_items, losses, t_sample, t_train):
         native = _mean(float(r["code_calls"] > 0) for r in records)
     else:
         native = _mean(r["native_code_rate"] for r in by_q.values() if r.get("native_code_rate") is not None)
+    native_k = args.native_k if args.algo != "rl" else 0      # unforced rollouts explore sampled for pi(c|x)
     return {"iteration": it, "algo": args.algo, "queries": len(by_q), "rollouts": len(records),
+            "rollouts_sampled": len(records) + native_k * len(by_q),
             "trained_on": n_items, "reward_mean": _mean(r["reward"] for r in records),
             "q_hat_cot": _mean(r["q_hat"]["cot"] for r in by_q.values() if "q_hat" in r),
             "q_hat_code": _mean(r["q_hat"]["code"] for r in by_q.values() if "q_hat" in r),

@@ -6,9 +6,17 @@ For each query x of the batch (paper section 2, "E-step" and "structured explora
   2. Optionally `--native-k` unforced rollouts, to estimate pi(c|x) as their code rate.
   3. Grade every rollout (grader.py): r in {0, 1}.
   4. q_hat(x, c) = mean reward of the K rollouts forced to c.
-  5. pi(c|x) by `--prior native` (code rate of the native rollouts; 1/2 each if none) or
-     `--prior prefix` (the model's probability of each decision prefix, normalised over the
-     two decisions; whole-prefix probabilities, so a longer prefix is a priori less likely).
+  5. pi(c|x), the current policy's probability of each decision, by `--prior`:
+        native   (default) the code rate of `--native-k` unforced rollouts, Laplace-smoothed:
+                 (n_code + 1) / (native_k + 2). It is what pi(c|x) means (c = 1 iff an
+                 unguided solution runs code), it follows the policy as training moves it,
+                 and it does not depend on how the forcing prefixes are worded or how long
+                 they are; the smoothing keeps a few rollouts from giving pi = 0 or 1.
+        prefix   the model's probability of each decision prefix, normalised over the two
+                 decisions. Cheap (no sampling) but an artefact of wording and length: with
+                 the default prefixes the embedded model gives log p = -18.4 to the CoT prefix
+                 and -1.39 to the code prefix, so pi(cot) ~ 4e-8 whatever the query.
+        uniform  1/2 each: s_star then depends on q_hat only (the paper's pi*Q is lost).
   6. s_star(c|x) by `--estep`:
         softmax   exp(alpha * pi * q_hat) / Z            (ACL version, Eq. 5; --alpha)
         posterior pi * q_hat / Z                          (the exact E-step; uniform if all 0)
@@ -32,7 +40,6 @@ import os
 import random
 
 import torch
-from tqdm import tqdm
 
 import evaluate as E
 import model as M
@@ -43,9 +50,10 @@ DECISIONS = ("cot", "code")
 def reference_strategy(pi, q_hat, estep="softmax", alpha=5.0):
     """s_star(c|x) for c in DECISIONS from pi(c|x) and q_hat(x,c) (dicts keyed by decision)."""
     score = {c: pi[c] * q_hat[c] for c in DECISIONS}
-    if estep == "softmax":
-        z = sum(math.exp(alpha * score[c]) for c in DECISIONS)
-        return {c: math.exp(alpha * score[c]) / z for c in DECISIONS}
+    if estep == "softmax":             # max-subtracted: exp never overflows, whatever alpha
+        top = max(alpha * score[c] for c in DECISIONS)
+        w = {c: math.exp(alpha * score[c] - top) for c in DECISIONS}
+        return {c: w[c] / sum(w.values()) for c in DECISIONS}
     if estep == "posterior":
         z = sum(score.values())
         return {c: score[c] / z if z > 0 else 1.0 / len(DECISIONS) for c in DECISIONS}
@@ -71,11 +79,17 @@ def prefix_prior(model, tok, prompt, prefixes):
     return {c: w[c] / sum(w.values()) for c in DECISIONS}
 
 
-def explore(model, tok, problems, k=4, native_k=0, estep="softmax", alpha=5.0, prior="native", keep=None,
+def explore(model, tok, problems, k=4, native_k=2, estep="softmax", alpha=5.0, prior="native", keep=None,
             prefixes_text=None, max_new_tokens=384, temperature=1.0, seed=0, batch_size=32, fewshot=True,
             progress=True):
     """Run the E-step over `problems`; return one record per rollout (see the docstring).
-    Rollouts of all queries for one decision are sampled together, `batch_size` at a time."""
+    Rollouts of all queries for one decision are sampled together, `batch_size` at a time.
+    Sampling is plain temperature sampling (no top-p / top-k): the M-step's teacher-forced
+    log-probs use the full tempered softmax, so only then is the ratio exactly 1 on-policy."""
+    if prior == "native" and native_k < 1:
+        raise ValueError("prior 'native' needs native_k >= 1 unforced rollouts per query")
+    if temperature <= 0:
+        raise ValueError("the E-step samples at a temperature > 0 (greedy rollouts have no behaviour policy)")
     prefixes_text = prefixes_text or {c: E.MODES[c]["prefix"] for c in DECISIONS}
     prefixes = {c: tok(prefixes_text[c], add_special_tokens=False).input_ids for c in DECISIONS}
     instruction = E.MODES["autonomous"]["instruction"]
@@ -85,17 +99,18 @@ def explore(model, tok, problems, k=4, native_k=0, estep="softmax", alpha=5.0, p
     jobs = [(c, qi) for c in DECISIONS for qi in range(len(problems)) for _ in range(k)]
     jobs += [("native", qi) for qi in range(len(problems)) for _ in range(native_k)]
     rollouts = {}
-    bar = tqdm(total=len(jobs), desc="E-step", disable=not progress, unit="rollout")
+    bar = E.Progress(len(jobs), "E-step", enabled=progress, max_new_tokens=max_new_tokens)
     for start in range(0, len(jobs), batch_size):
         chunk = jobs[start:start + batch_size]
         for c in dict.fromkeys(c for c, _ in chunk):
             part = [qi for d, qi in chunk if d == c]
             outs = M.sample(model, tok, [prompts[qi] for qi in part],
                             [prefixes[c] if c in prefixes else [] for _ in part], max_new_tokens=max_new_tokens,
-                            temperature=temperature, seed=seed * 100003 + start, code=(c != "cot"))
+                            temperature=temperature, seed=seed * 100003 + start, code=(c != "cot"),
+                            progress=bar.hook)
+            bar.batch_done(outs)
             for qi, o in zip(part, outs):
                 rollouts.setdefault((c, qi), []).append(o)
-            bar.update(len(part))
     bar.close()
     records = []
     for qi, p in enumerate(problems):
@@ -106,9 +121,11 @@ def explore(model, tok, problems, k=4, native_k=0, estep="softmax", alpha=5.0, p
         native_rate = sum(bool(o.code_calls) for o in native) / len(native) if native else None
         if prior == "prefix":
             pi = prefix_prior(model, tok, prompts[qi], prefixes)
-        else:
-            rate = native_rate if native_rate is not None else 0.5
+        elif prior == "native":
+            rate = (sum(bool(o.code_calls) for o in native) + 1) / (len(native) + 2)
             pi = {"cot": 1.0 - rate, "code": rate}
+        else:
+            pi = {c: 1.0 / len(DECISIONS) for c in DECISIONS}
         s_star = reference_strategy(pi, q_hat, estep, alpha)
         kept = set(weighted_subsample([s_star[c] / k for c, _ in pool], keep, rng))
         for j, ((c, o), r) in enumerate(zip(pool, rewards)):
@@ -131,10 +148,10 @@ def write_jsonl_atomic(path, records):
 
 def add_args(ap):
     ap.add_argument("--k", type=int, default=4, help="rollouts per decision (paper: 8)")
-    ap.add_argument("--native-k", type=int, default=0, help="unforced rollouts to estimate pi(c|x)")
+    ap.add_argument("--native-k", type=int, default=2, help="unforced rollouts per query, to estimate pi(c|x)")
     ap.add_argument("--estep", default="softmax", choices=["softmax", "posterior", "hardmax"])
     ap.add_argument("--alpha", type=float, default=5.0)
-    ap.add_argument("--prior", default="native", choices=["native", "prefix"])
+    ap.add_argument("--prior", default="native", choices=["native", "prefix", "uniform"])
     ap.add_argument("--keep", type=int, default=None, help="rollouts kept per query (default k)")
     ap.add_argument("--cot-prefix", default=E.MODES["cot"]["prefix"])
     ap.add_argument("--code-prefix", default=E.MODES["code"]["prefix"])
@@ -144,7 +161,24 @@ def add_args(ap):
     ap.add_argument("--no-fewshot", dest="fewshot", action="store_false", help="drop evaluate.FEWSHOT")
 
 
-def main():
+def check_estep_args(args, uses_prior=True):
+    """The flags add_args defines (explore.py and em_train.py), checked before anything loads."""
+    E.check_numbers(args, positive=("--k", "--keep", "--max-new-tokens", "--temperature"),
+                    non_negative=("--native-k", "--alpha"))
+    if args.keep is not None and args.keep > 2 * args.k:
+        E.fail(f"--keep {args.keep} is more than the 2 * --k = {2 * args.k} rollouts of a query")
+    if uses_prior and args.prior == "native" and args.native_k < 1:
+        E.fail("--prior native estimates pi(c|x) from unforced rollouts: it needs --native-k >= 1")
+
+
+def check_args(args):
+    check_estep_args(args)
+    E.check_numbers(args, positive=("--queries",))
+    E.check_data(args.data)
+    E.check_writable(args.out, file=True)
+
+
+def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default=M.DEFAULT_MODEL)
     ap.add_argument("--dtype", default="fp32", choices=list(M.DTYPES))
@@ -152,9 +186,16 @@ def main():
     ap.add_argument("--queries", type=int, default=8)
     ap.add_argument("--out", default="runs/explore.jsonl")
     add_args(ap)
-    args = ap.parse_args()
-    model, tok = M.load_model(args.model, args.dtype, "cuda" if torch.cuda.is_available() else "cpu")
+    args = ap.parse_args(argv)
+    check_args(args)
     problems = E.load_problems(args.data, args.queries, args.seed, shuffle=True)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    rollouts = len(problems) * (2 * args.k + args.native_k)
+    E.print_plan(f"""Plan: E-step of {args.model} ({args.dtype} on {device}) on {len(problems)} queries of {args.data}:
+        {rollouts} rollouts ({args.k} per decision, {args.native_k} unforced, per query) of up to {args.max_new_tokens}
+        new tokens. Expected time: {E.expected_time(args.model, device, rollouts, args.max_new_tokens)}. Output:
+        {args.out}.""")
+    model, tok = M.load_model(args.model, args.dtype, device)
     records = explore(model, tok, problems, args.k, args.native_k, args.estep, args.alpha, args.prior, args.keep,
                       {"cot": args.cot_prefix, "code": args.code_prefix}, args.max_new_tokens, args.temperature,
                       args.seed, fewshot=args.fewshot)

@@ -75,12 +75,12 @@ def test_masked_tokens_get_no_gradient(tiny, tok):
     assert torch.all(g[~mask] == 0) and torch.all(g[mask] != 0)
 
 
-def test_decision_term_is_s_star_weighted_prefix_logprob(tiny, tok):
+def test_raw_decision_term_is_s_star_weighted_prefix_logprob(tiny, tok):
     prompt = M.chat_prompt(tok, "What is 2+2?")
     prefixes = {"cot": tok("Think.", add_special_tokens=False).input_ids,
                 "code": tok("Code.", add_special_tokens=False).input_ids}
     with torch.no_grad():
-        d = T.decision_term(tiny, [prompt], prefixes, [{"cot": 0.25, "code": 0.75}])
+        d = T.decision_term(tiny, [prompt], prefixes, [{"cot": 0.25, "code": 0.75}], form="raw")
         lp = M.sequence_logprobs(tiny, [prompt, prompt], [prefixes["cot"], prefixes["code"]])
     assert d.item() == pytest.approx(-(0.25 * float(lp[0].sum()) + 0.75 * float(lp[1].sum())), rel=1e-5)
 
@@ -113,7 +113,7 @@ def test_baselines_run(tmp_path, algo):
     out = str(tmp_path / algo)
     T.main(FAST + ["--iterations", "1", "--algo", algo, "--eval-every", "0", "--out", out])
     row = json.loads(open(os.path.join(out, "metrics.jsonl")).read())
-    assert row["rollouts"] == 2 * 2 * 2 and ("loss_ratio" in row) == (algo == "rl")
+    assert row["rollouts_sampled"] == 2 * (2 * 2 + 2) and ("loss_ratio" in row) == (algo == "rl")
 
 
 def test_resume_matches_uninterrupted(tmp_path):
@@ -127,5 +127,167 @@ def test_resume_matches_uninterrupted(tmp_path):
     rb = [json.loads(x) for x in open(os.path.join(b, "metrics.jsonl"))]
     assert [r["loss_ratio"] for r in ra] == [r["loss_ratio"] for r in rb]
     first = weights(a)
-    T.main(FAST + ["--iterations", "2", "--eval-every", "0", "--out", str(tmp_path / "c"), "--lr", "1e-2"])
+    T.main(FAST + ["--iterations", "2", "--eval-every", "0", "--out", str(tmp_path / "c"), "--lr", "1e-2",
+                   "--decision-queries", "all"])        # a random tiny model earns no reward: train the prefixes
     assert not all(torch.equal(first[k], weights(str(tmp_path / "c"))[k]) for k in first)   # training moves weights
+
+
+# ---------------------------------------------------------------------------------------
+# The update says what the paper says (issue 8, part 1)
+# ---------------------------------------------------------------------------------------
+def args_for(**kw):
+    a = T.parse_args(["--model", "tiny"])
+    for k, v in kw.items():
+        setattr(a, k, v)
+    return a
+
+
+def step_records(tiny, tok, rewards_per_query, k=3, seed=0):
+    """Records shaped like the E-step's: one query per reward list, k rollouts each, all kept."""
+    questions = ["What is 2+2?", "Name a prime.", "What is 7*8?", "Count to 3."]
+    prefix = tok("Let's see.", add_special_tokens=False).input_ids
+    records = []
+    for qi, rewards in enumerate(rewards_per_query):
+        prompt = M.chat_prompt(tok, questions[qi])
+        outs = M.sample(tiny, tok, [prompt] * k, [prefix] * k, max_new_tokens=6, seed=seed + qi, code=False)
+        q_hat = {"cot": sum(rewards[:1]) / 1, "code": sum(rewards[1:]) / max(1, len(rewards) - 1)}
+        for o, r in zip(outs, rewards):
+            records.append({"query_id": f"q{qi}", "prompt_ids": o.prompt_ids, "response_ids": o.response_ids,
+                            "sampled": o.sampled, "behaviour_logprobs": o.logprobs, "n_prefix": o.n_prefix,
+                            "reward": r, "kept": True, "decision": "cot", "q_hat": q_hat,
+                            "s_star": {"cot": 0.3, "code": 0.7}})
+    return records
+
+
+def step_gradient(model, tok, records, args):
+    """The gradient of one optimiser step over all items, as m_step accumulates it."""
+    items = T.training_data("em", records, "whiten", 99, __import__("random").Random(0))
+    ctx = {"prefixes": {"cot": tok("Think.", add_special_tokens=False).input_ids,
+                        "code": tok("```python\n", add_special_tokens=False).input_ids},
+           "record_of": {r["query_id"]: r for r in records}}
+    stats = {"ratio_mean": [], "ratio_max": [], "clipped": 0, "ratio_n": 0}
+    micro, decide = T.plan_step(items, args.batch_size, ctx, args)
+    ctx["terms"] = {"loss_ratio": 0.0, "loss_decision": 0.0, "loss_kl": 0.0, "loss_sft": 0.0}
+    model.zero_grad(set_to_none=True)
+    for mb, d in zip(micro, decide):
+        T.micro_loss(model, mb, d, ctx, args, stats).backward()
+    g = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+    model.zero_grad(set_to_none=True)
+    return g, ctx["terms"]
+
+
+def test_step_gradient_does_not_depend_on_micro_batching(tiny, tok):
+    """The same 9 items in one, three or nine micro-batches: the same loss and gradient
+    (before, each query's decision term was added once per micro-batch holding it)."""
+    records = step_records(tiny, tok, [[1.0, 0.0, 1.0], [0.0, 1.0, 1.0], [1.0, 0.0, 0.0]])
+    runs = [step_gradient(tiny, tok, records, args_for(batch_size=b, kl_coef=0.1)) for b in (9, 3, 1)]
+    for g, terms in runs[1:]:
+        assert terms["loss_decision"] == pytest.approx(runs[0][1]["loss_decision"], rel=1e-5)
+        assert torch.allclose(g, runs[0][0], atol=1e-6, rtol=1e-4)
+    assert runs[0][1]["loss_decision"] != 0 and runs[0][0].abs().max() > 0
+
+
+def test_uninformative_queries_do_not_move_the_decision(tiny, tok):
+    """All rewards 0: no advantage, no evidence about c, so by default no gradient at all;
+    the literal form (--decision-queries all) still trains the prefixes."""
+    records = step_records(tiny, tok, [[0.0, 0.0, 0.0], [1.0, 1.0, 1.0]])
+    g, terms = step_gradient(tiny, tok, records, args_for(batch_size=2))
+    assert terms["loss_decision"] == 0 and g.abs().max() == 0
+    g_all, terms_all = step_gradient(tiny, tok, records, args_for(batch_size=2, decision_queries="all"))
+    assert terms_all["loss_decision"] != 0 and g_all.abs().max() > 0
+
+
+def test_normalised_decision_term_is_cross_entropy(tiny, tok):
+    """log pi(c|x) normalised over the decisions: the term is zero-gradient when pi = s_star,
+    and equals -sum_c s* log softmax(prefix log-probs)."""
+    prompt = M.chat_prompt(tok, "What is 2+2?")
+    prefixes = {"cot": tok("Think.", add_special_tokens=False).input_ids,
+                "code": tok("Code.", add_special_tokens=False).input_ids}
+    with torch.no_grad():
+        lp = M.sequence_logprobs(tiny, [prompt, prompt], [prefixes["cot"], prefixes["code"]])
+        raw = torch.stack([lp[0].sum(), lp[1].sum()])
+        pi = torch.softmax(raw, 0)
+        d = T.decision_term(tiny, [prompt], prefixes, [{"cot": 0.25, "code": 0.75}])
+    assert d.item() == pytest.approx(-(0.25 * torch.log(pi[0]) + 0.75 * torch.log(pi[1])).item(), rel=1e-5)
+    s_eq = [{"cot": float(pi[0]), "code": float(pi[1])}]
+    tiny.zero_grad(set_to_none=True)
+    T.decision_term(tiny, [prompt], prefixes, s_eq).backward()
+    g = torch.cat([p.grad.flatten() for p in tiny.parameters() if p.grad is not None])
+    tiny.zero_grad(set_to_none=True)
+    assert g.abs().max() < 1e-5
+
+
+def test_k3_is_unbiased_for_kl_old_to_theta():
+    """Summed exactly over a categorical: E_{pi_old}[k3] = KL(pi_old || pi_theta)."""
+    old = torch.log_softmax(torch.tensor([0.3, -1.0, 2.0, 0.1]), 0)
+    new = torch.log_softmax(torch.tensor([1.0, 0.5, -0.2, 0.0]), 0)
+    expected = (old.exp() * (old - new)).sum()
+    assert (old.exp() * T.k3(new, old)).sum().item() == pytest.approx(expected.item(), rel=1e-5)
+    assert bool((T.k3(new, old) >= 0).all())
+
+
+def test_length_normalised_sequence_ratio_stays_in_range():
+    """A drift of -0.01 nats per token over 100 tokens: the plain sequence ratio is e^1 and
+    clipped (no surrogate gradient); the length-normalised one is e^0.01 and is not."""
+    old = torch.zeros(100)
+    lp = torch.full((100,), 0.01, requires_grad=True)
+    m = torch.ones(100, dtype=torch.bool)
+    _, _, st = T.ratio_term([lp], [old], [m], [1.0], 0.2, "surrogate", "sequence")
+    assert st["clipped"] == 1 and st["ratio_max"] == pytest.approx(2.71828, rel=1e-4)
+    total, units, st = T.ratio_term([lp], [old], [m], [1.0], 0.2, "surrogate", "sequence_mean")
+    assert st["clipped"] == 0 and units == 1 and st["ratio_max"] == pytest.approx(1.01005, rel=1e-4)
+    (g,) = torch.autograd.grad(total, lp)
+    assert g.abs().min() > 0
+
+
+@pytest.mark.parametrize("temperature", [0.6, 1.0, 1.4])
+def test_ratio_is_one_on_policy_at_every_training_temperature(tiny, tok, temperature):
+    prompts, _ = rollouts(tiny, tok)
+    outs = M.sample(tiny, tok, prompts, max_new_tokens=12, temperature=temperature, seed=3, code=False)
+    with torch.no_grad():
+        logp = M.sequence_logprobs(tiny, prompts, [o.response_ids for o in outs], temperature)
+    _, _, st = T.ratio_term(logp, [torch.tensor(o.logprobs) for o in outs], [torch.tensor(o.sampled) for o in outs],
+                            [1.0] * len(outs), 0.2, "surrogate", "token")
+    assert st["ratio_mean"] == pytest.approx(1.0, abs=1e-4) and abs(st["ratio_max"] - 1) < 1e-3
+
+
+def test_training_refuses_greedy_rollouts(tiny, tok):
+    import evaluate as E
+    import explore as X
+    with pytest.raises(ValueError, match="temperature"):
+        X.explore(tiny, tok, E.load_problems("builtin:train", limit=1), k=1, temperature=0.0, progress=False)
+
+
+def test_baselines_spend_the_same_budget(tmp_path):
+    rows = {}
+    for algo in ("em", "rl"):
+        out = str(tmp_path / algo)
+        T.main(FAST + ["--iterations", "1", "--algo", algo, "--eval-every", "0", "--native-k", "2", "--out", out])
+        rows[algo] = json.loads(open(os.path.join(out, "metrics.jsonl")).read())
+    assert rows["em"]["rollouts_sampled"] == rows["rl"]["rollouts_sampled"] == 2 * (2 * 2 + 2)
+    assert rows["em"]["trained_on"] == rows["rl"]["trained_on"] == 2 * 2
+    assert rows["em"]["optimizer_steps"] == rows["rl"]["optimizer_steps"]
+
+
+def test_m_step_keeps_every_tensor_on_the_model_device(tok, monkeypatch):
+    """The whole loss on a model placed on the `meta` device: an op that mixes in a CPU
+    tensor raises there, as cuda vs cpu does on a GPU (values of meta tensors read as 0)."""
+    from transformers import LlamaForCausalLM
+    cpu_model = M.tiny_model(tok)
+    records = step_records(cpu_model, tok, [[1.0, 0.0, 1.0], [0.0, 1.0, 1.0]])
+    with torch.device("meta"):
+        meta_model = LlamaForCausalLM(cpu_model.config)
+    import torch.fx.experimental._config as fx_config
+    monkeypatch.setattr(fx_config, "meta_nonzero_assume_all_nonzero", True)   # boolean masks on meta
+    for name, zero in (("item", 0), ("__float__", 0.0), ("__int__", 0), ("__bool__", False)):
+        real = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, lambda t, _r=real, _z=zero: _z if t.is_meta else _r(t))
+    args = args_for(batch_size=2, kl_coef=0.1)
+    items = T.training_data("em", records, "whiten", 99, __import__("random").Random(0))
+    ctx = {"prefixes": {"cot": [1, 2], "code": [3]}, "record_of": {r["query_id"]: r for r in records},
+           "terms": {"loss_ratio": 0.0, "loss_decision": 0.0, "loss_kl": 0.0, "loss_sft": 0.0}}
+    micro, decide = T.plan_step(items, 2, ctx, args)
+    stats = {"ratio_mean": [], "ratio_max": [], "clipped": 0, "ratio_n": 0}
+    loss = T.micro_loss(meta_model, micro[0], decide[0], ctx, args, stats)
+    assert loss.is_meta
+    loss.backward()

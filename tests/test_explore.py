@@ -59,3 +59,22 @@ def test_explore_tiny_end_to_end(tiny, tok):
         lp = {c: float(M.sequence_logprobs(tiny, [rec["prompt_ids"]], [ids[c]])[0].sum()) for c in ids}
     assert pri["code"] == pytest.approx(1 / (1 + math.exp(lp["cot"] - lp["code"])), abs=1e-6)
     assert sum(pri.values()) == pytest.approx(1.0)
+
+
+def test_softmax_survives_a_huge_alpha():
+    s = X.reference_strategy({"cot": 0.5, "code": 0.5}, {"cot": 0.25, "code": 1.0}, "softmax", alpha=1000)
+    assert s["code"] == pytest.approx(1.0) and s["cot"] >= 0
+    s = X.reference_strategy({"cot": 0.5, "code": 0.5}, {"cot": 1.0, "code": 1.0}, "softmax", alpha=1e6)
+    assert s == {"cot": 0.5, "code": 0.5}
+
+
+def test_native_prior_is_laplace_smoothed_code_rate(tiny, tok):
+    import evaluate as E
+    problems = E.load_problems("builtin:train", limit=1)
+    recs = X.explore(tiny, tok, problems, k=1, native_k=2, max_new_tokens=4, progress=False)
+    rate = recs[0]["native_code_rate"]
+    assert recs[0]["prior"]["code"] == pytest.approx((2 * rate + 1) / 4)
+    with pytest.raises(ValueError, match="native_k"):
+        X.explore(tiny, tok, problems, k=1, native_k=0, prior="native", progress=False)
+    assert X.explore(tiny, tok, problems, k=1, native_k=0, prior="uniform", max_new_tokens=4,
+                     progress=False)[0]["prior"] == {"cot": 0.5, "code": 0.5}
