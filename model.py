@@ -92,15 +92,63 @@ def _missing(what, how):
     raise SystemExit(f"error: could not load model: {what}. {how}")
 
 
+def hub_source(path):
+    """`path` itself when it is a directory. Otherwise a hub id: its snapshot in the local hub
+    cache when there is one (no network at all); if there is none, one short probe of the hub
+    decides, so that an offline machine fails at once with one line that says what to do,
+    instead of a minute of retries. A reachable hub returns the id for transformers to fetch."""
+    if os.path.isdir(path):
+        return path
+    from huggingface_hub import constants, snapshot_download
+    try:
+        return snapshot_download(path, local_files_only=True)
+    except ValueError:                       # not a valid repo id
+        _missing(f"'{path}' is neither a directory nor a hub id",
+                 "Pass smollm2-135m, tiny, a directory (e.g. runs/em/checkpoint) or a hub id such as Qwen/Qwen2.5-0.5B.")
+    except OSError:                          # not in the local cache
+        pass
+    fetch = f"Fetch it once where the hub is reachable with `hf download {path}` (into {constants.HF_HUB_CACHE}), " \
+            "or pass a local directory."
+    if constants.HF_HUB_OFFLINE:
+        _missing(f"'{path}' is not in the local hub cache and HF_HUB_OFFLINE is set", fetch)
+    if not _reachable(constants.ENDPOINT):
+        _missing(f"'{path}' is not in the local hub cache and the hub ({constants.ENDPOINT}) cannot be reached", fetch)
+    return path
+
+
+def _reachable(url, timeout=3.0):
+    """Whether a TCP connection opens to the URL's host (or to the proxy that would carry it)."""
+    import socket
+    import urllib.parse
+    import urllib.request
+    target = urllib.parse.urlsplit(url)
+    proxy = None if urllib.request.proxy_bypass(target.hostname or "") else urllib.request.getproxies().get(target.scheme)
+    if proxy:
+        target = urllib.parse.urlsplit(proxy)
+    try:
+        socket.create_connection((target.hostname, target.port or (443 if target.scheme == "https" else 80)),
+                                 timeout=timeout).close()
+        return True
+    except (OSError, ValueError):
+        return False
+
+
+def _unloadable(path, error):
+    first = (str(error).strip().splitlines() or [error.__class__.__name__])[0]
+    _missing(f"'{path}' did not load ({first[:200]})",
+             "Pass a directory holding config.json and weights (e.g. runs/em/checkpoint) or a hub id; "
+             "`hf download <id>` fetches one ahead of time.")
+
+
 def load_tokenizer(name=DEFAULT_MODEL):
     from transformers import AutoTokenizer
     if name in ("tiny", DEFAULT_MODEL):
         return _load_embedded(tokenizer_only=True)
+    path = hub_source(resolve_name(name))
     try:
-        return AutoTokenizer.from_pretrained(resolve_name(name))
-    except OSError:
-        _missing(f"no local directory or reachable hub id '{resolve_name(name)}'",
-                 "Pass an existing directory, or download the model first where the hub is reachable.")
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        _unloadable(path, e)
 
 
 def _load_embedded(tokenizer_only=False, dtype=torch.float32):
@@ -158,13 +206,12 @@ def load_model(name=DEFAULT_MODEL, dtype="fp32", device="cpu"):
         path = resolve_name(name)
         if name.startswith(("/", "./", "../", "~")) and not os.path.isdir(path):
             _missing(f"no directory '{name}'", "Pass a directory holding config.json and weights, e.g. runs/em/checkpoint.")
+        path = hub_source(path)
         try:
             tok = AutoTokenizer.from_pretrained(path)
             model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
-        except (OSError, ValueError):
-            _missing(f"no local directory or reachable hub id '{path}'",
-                     "Pass an existing directory (e.g. a checkpoint under runs/), or download "
-                     f"'{path}' first where the hub is reachable (huggingface-cli download {path}).")
+        except (OSError, ValueError) as e:
+            _unloadable(path, e)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return model.to(device).eval(), tok
@@ -520,7 +567,21 @@ def sequence_logprobs(model, prompts, responses, temperature=1.0):
     return [logp[i, :len(r)] for i, r in enumerate(responses)]
 
 
-def main():
+def check_args(args):
+    """The flags of `python model.py`, before the model loads; one line each."""
+    if not args.max_new_tokens > 0:
+        raise SystemExit(f"error: --max-new-tokens must be > 0 (got {args.max_new_tokens})")
+    if not 0 <= args.temperature < float("inf"):
+        raise SystemExit(f"error: --temperature must be >= 0 (got {args.temperature})")
+    if not args.question.strip():
+        raise SystemExit("error: --question is empty")
+    try:
+        args.prefix = args.prefix.encode().decode("unicode_escape")
+    except UnicodeDecodeError as e:
+        raise SystemExit(f"error: --prefix: bad backslash escape ({e.reason})")
+
+
+def main(argv=None):
     ap = argparse.ArgumentParser(description="Sample one tool-integrated solution (manual try).")
     ap.add_argument("--model", default=DEFAULT_MODEL)
     ap.add_argument("--dtype", default="fp32", choices=list(DTYPES))
@@ -530,11 +591,11 @@ def main():
     ap.add_argument("--max-new-tokens", type=int, default=256)
     ap.add_argument("--temperature", type=float, default=0.0, help="0 means greedy")
     ap.add_argument("--seed", type=int, default=0)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
+    check_args(args)
     model, tok = load_model(args.model, args.dtype, args.device)
-    prefix = args.prefix.encode().decode("unicode_escape")
     t = time.time()
-    [r] = sample(model, tok, [chat_prompt(tok, args.question)], [tok(prefix, add_special_tokens=False).input_ids],
+    [r] = sample(model, tok, [chat_prompt(tok, args.question)], [tok(args.prefix, add_special_tokens=False).input_ids],
                  max_new_tokens=args.max_new_tokens, greedy=args.temperature == 0,
                  temperature=max(args.temperature, 1e-5), seed=args.seed)
     print(r.text)
