@@ -7,7 +7,7 @@
 Pieces, top to bottom:
   data     load_problems(path): JSON lines in the MATH500 (problem / answer), GSM8K
            (question / "... #### n"), AIME (integer answer), AMC (float answer) formats, and
-           the project's built-in task (`builtin:train`, `builtin:test`, see builtin_problems).
+           the project's built-in task (`builtin:train`, `builtin:test`, see task.py).
            Malformed input fails with file:line and the field.
   modes    MODES: autonomous (a neutral prompt; the model decides), forced CoT, forced code.
            A forced mode is a prompt instruction plus a forced start of the response; forced
@@ -51,10 +51,10 @@ MODES = {
                                   "and put your final answer within \\boxed{}.",
                    "prefix": "", "code": True},
     "cot": {"instruction": "Please reason step by step, and put your final answer within \\boxed{}.",
-            "prefix": "Let's think step by step.\n", "code": False},
+            "prefix": "By hand: ", "code": False},
     "code": {"instruction": "Please integrate natural language reasoning with programs to solve the problem above, "
                             "and put your final answer within \\boxed{}.",
-             "prefix": "```python\n", "code": True},
+             "prefix": "```python\nprint(", "code": True},
 }
 # A two-example format demonstration put before each question (--no-fewshot drops it). Small
 # models (the embedded 135M one) otherwise almost never write \boxed{} or a runnable block:
@@ -63,8 +63,13 @@ MODES = {
 FEWSHOT = ("Put the final answer in \\boxed{}.\n"
            "Example problem: What is 123 \\times 45?\nExample solution:\n```python\nprint(123 * 45)\n```\n"
            "```output\n5535\n```\nThe final answer is \\boxed{5535}.\n\n"
-           "Example problem: What is 3 + 4?\nExample solution: 3 + 4 = 7. The final answer is \\boxed{7}.\n\n"
+           "Example problem: What is 3 + 4?\nExample solution: By hand: 3 + 4 = 7. The final answer is \\boxed{7}.\n\n"
            "Problem: ")
+
+
+# With the demonstration, a small model that has answered goes on to write the next "Example
+# problem" itself (and boxes its answer): its own separators end a solution.
+STOP = ("\nExample problem", "\nProblem:")
 
 
 def question_text(question, fewshot=True):
@@ -74,54 +79,6 @@ def question_text(question, fewshot=True):
 # ---------------------------------------------------------------------------------------
 # Data
 # ---------------------------------------------------------------------------------------
-def builtin_problems(split="train", n=200, seed=0):
-    """A seeded generator of problems with exact integer answers. Some reward running code
-    (long products, long sums, modular powers, prime counts, gcd/lcm of big numbers,
-    counting); some are easy in the head (single-digit arithmetic). Splits never overlap:
-    they draw from different seeds."""
-    rng = random.Random(f"{split}-{seed}")
-    kinds = ["product", "range_sum", "mod_pow", "prime_count", "gcd", "lcm", "count", "small_add", "small_mul"]
-    out = []
-    for i in range(n):
-        kind = kinds[i % len(kinds)]
-        if kind == "product":
-            a, b = rng.randint(1000, 99999), rng.randint(1000, 99999)
-            q, ans = f"What is {a} \\times {b}?", a * b
-        elif kind == "range_sum":
-            a = rng.randint(1, 500)
-            b = a + rng.randint(1000, 100000)
-            q, ans = f"What is the sum of all integers from {a} to {b} inclusive?", (a + b) * (b - a + 1) // 2
-        elif kind == "mod_pow":
-            a, e, m = rng.randint(2, 99), rng.randint(50, 5000), rng.randint(7, 999)
-            q, ans = f"What is the remainder when {a}^{{{e}}} is divided by {m}?", pow(a, e, m)
-        elif kind == "prime_count":
-            n_ = rng.randint(100, 20000)
-            sieve = bytearray([1]) * (n_ + 1)
-            sieve[:2] = b"\x00\x00"
-            for p in range(2, int(n_ ** 0.5) + 1):
-                if sieve[p]:
-                    sieve[p * p::p] = bytearray(len(sieve[p * p::p]))
-            q, ans = f"How many prime numbers are less than or equal to {n_}?", sum(sieve)
-        elif kind in ("gcd", "lcm"):
-            g = rng.randint(2, 999)
-            a, b = g * rng.randint(100, 9999), g * rng.randint(100, 9999)
-            ans = math.gcd(a, b) if kind == "gcd" else a * b // math.gcd(a, b)
-            q = f"What is the {'greatest common divisor' if kind == 'gcd' else 'least common multiple'} of {a} and {b}?"
-        elif kind == "count":
-            n_, d = rng.randint(1000, 100000), rng.randint(3, 13)
-            q, ans = f"How many integers from 1 to {n_} are divisible by {d} but not by {d + 1}?", \
-                sum(1 for x in range(1, n_ + 1) if x % d == 0 and x % (d + 1) != 0)
-        elif kind == "small_add":
-            a, b = rng.randint(1, 9), rng.randint(1, 9)
-            q, ans = f"What is {a} + {b}?", a + b
-        else:
-            a, b = rng.randint(2, 9), rng.randint(2, 9)
-            q, ans = f"What is {a} \\times {b}?", a * b
-        out.append({"id": f"builtin-{split}-{i}", "question": q, "answer": str(ans), "numeric": True,
-                    "subject": kind})
-    return out
-
-
 def _bad(path, lineno, msg):
     raise SystemExit(f"error: {path}:{lineno}: {msg}")
 
@@ -158,8 +115,9 @@ def parse_record(rec, path, lineno):
 
 def load_problems(path, limit=None, seed=0, shuffle=False):
     if path.startswith("builtin"):
-        split = path.split(":", 1)[1] if ":" in path else "train"
-        problems = builtin_problems(split, n=limit or 200, seed=0)
+        import task
+        split, groups = task.parse_name(path)
+        problems = task.problems(split, n=limit or 200, groups=groups)
     elif os.path.exists(path):
         problems = []
         with open(path, "rb") as f:
@@ -309,7 +267,8 @@ def run(model, tok, problems, modes, out_dir, n=1, temperature=0.0, max_new_toke
                 t = time.time()
                 outs = M.sample(model, tok, list(prompts), list(prefixes), max_new_tokens=max_new_tokens,
                                 greedy=temperature == 0, temperature=max(temperature, 1e-5),
-                                seed=seed + start, code=MODES[mode]["code"], progress=bar.hook)
+                                seed=seed + start, code=MODES[mode]["code"], progress=bar.hook,
+                                stop=STOP if fewshot else ())
                 bar.batch_done(outs)
                 timing[mode][0] += time.time() - t
                 timing[mode][1] += sum(o.n_sampled for o in outs)
@@ -479,10 +438,9 @@ def expected_time(model, device, rollouts, max_new_tokens, iterations=1):
     minutes = rate * rollouts * max_new_tokens / 60
 
     def fmt(m):
-        return f"{m:.0f} min" if m >= 1 else "under a minute"
+        return f"about {m:.0f} min" if m >= 1 else "under a minute"
     each = f" ({fmt(minutes)} per iteration)" if iterations > 1 else ""
-    return (f"about {fmt(minutes * iterations)}{each} on a 2-core CPU (measured there; this machine has "
-            f"{os.cpu_count()} cores)")
+    return f"{fmt(minutes * iterations)}{each} on a 2-core CPU (measured there; this machine has {os.cpu_count()} cores)"
 
 
 def print_plan(text):

@@ -1,0 +1,344 @@
+"""A newcomer's mistakes: every entry point refuses bad input with one line before it loads a
+model or writes a file; offline or unknown model names fail in seconds; progress moves per
+decode step and its totals match what was sampled."""
+import http.server
+import os
+import socket
+import subprocess
+import sys
+import threading
+import types
+
+import pytest
+import torch
+
+import bench
+import em_train as T
+import evaluate as E
+import explore as X
+import model as M
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tree(root):
+    return sorted(os.path.join(d, n) for d, dirs, files in os.walk(root) for n in dirs + files)
+
+
+@pytest.fixture
+def refused(tmp_path, monkeypatch):
+    """Run main(argv) in tmp_path with model loading forbidden; return the one-line message
+    after checking that nothing was written there."""
+    def load(*a, **k):
+        raise AssertionError("the model was loaded before the arguments were checked")
+    monkeypatch.setattr(M, "load_model", load)
+    monkeypatch.chdir(tmp_path)
+
+    def run(main, argv):
+        before = tree(tmp_path)
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        message = str(e.value)
+        assert message.startswith("error: ") and "\n" not in message, message
+        assert tree(tmp_path) == before, "something was written"
+        return message
+    return run
+
+
+@pytest.fixture
+def files(tmp_path):
+    """Bad data files a newcomer might pass."""
+    (tmp_path / "empty.jsonl").write_bytes(b"")
+    (tmp_path / "blank.jsonl").write_bytes(b"\n   \n\t\n")
+    (tmp_path / "binary.jsonl").write_bytes(b'{"problem": "1+1", "answer": "2"}\n\n\x89PNG\r\n\x1a\n\xff\xfe\x00\x01\n')
+    (tmp_path / "good.jsonl").write_text('{"problem": "1+1", "answer": "2"}\n')
+    return {p.stem: str(p) for p in tmp_path.iterdir()}
+
+
+# ---------------------------------------------------------------------------------------
+# evaluate.py
+# ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("argv,expect", [
+    (["--limit", "-1"], "--limit"),
+    (["--limit", "0"], "leave it out to use every problem"),
+    (["--n", "0"], "--n must be > 0"),
+    (["--n", "4"], "--temperature > 0"),
+    (["--max-new-tokens", "0"], "--max-new-tokens"),
+    (["--batch-size", "-2"], "--batch-size"),
+    (["--temperature", "-1"], "--temperature"),
+    (["--temperature", "nan"], "--temperature"),
+    (["--out", "/proc/x"], "--out /proc/x"),
+    (["--out", "/proc/x/y"], "--out /proc/x/y"),
+    (["--data", "builtin:nonsense"], "builtin:nonsense"),
+    (["--data", "no/such/file.jsonl"], "no such file"),
+    (["--data", "."], "is a directory"),
+])
+def test_evaluate_refuses_bad_flags(refused, argv, expect):
+    assert expect in refused(E.main, argv + ["--model", "tiny"])
+
+
+def test_evaluate_refuses_an_out_that_is_a_file(refused, files):
+    assert "is not a directory" in refused(E.main, ["--out", files["good"]])
+
+
+@pytest.mark.parametrize("name,expect", [
+    ("empty", "no problems (the file is empty"),
+    ("blank", "no problems (the file is empty or has only blank lines)"),
+    ("binary", "binary.jsonl:3: not UTF-8 text"),
+])
+def test_evaluate_refuses_bad_data_files(refused, files, name, expect):
+    message = refused(E.main, ["--data", files[name]])
+    assert files[name] in message and expect in message
+
+
+# ---------------------------------------------------------------------------------------
+# em_train.py
+# ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("argv,expect", [
+    (["--iterations", "0"], "--iterations must be > 0"),
+    (["--k", "0"], "--k must be > 0"),
+    (["--lr", "-1"], "--lr must be > 0"),
+    (["--lr", "inf"], "--lr must be > 0"),
+    (["--queries-per-iter", "0"], "--queries-per-iter"),
+    (["--epochs", "0"], "--epochs"),
+    (["--batch-size", "0"], "--batch-size"),
+    (["--grad-accum", "0"], "--grad-accum"),
+    (["--clip-eps", "0"], "--clip-eps"),
+    (["--max-grad-norm", "-1"], "--max-grad-norm"),
+    (["--sample-batch", "0"], "--sample-batch"),
+    (["--eval-n", "0"], "--eval-n"),
+    (["--eval-every", "-1"], "--eval-every"),
+    (["--decision-coef", "-0.5"], "--decision-coef"),
+    (["--kl-coef", "-1"], "--kl-coef"),
+    (["--train-size", "0"], "--train-size"),
+    (["--max-new-tokens", "0"], "--max-new-tokens"),
+    (["--temperature", "0"], "--temperature must be > 0"),
+    (["--keep", "9"], "--keep 9 is more than"),
+    (["--native-k", "0"], "--native-k >= 1"),
+    (["--native-k", "-1", "--algo", "rl"], "--native-k must be >= 0"),
+    (["--alpha", "-1"], "--alpha"),
+    (["--out", "/proc/x"], "--out /proc/x"),
+    (["--data", "builtin:nonsense"], "builtin:nonsense"),
+    (["--eval-data", "builtin:nonsense"], "builtin:nonsense"),
+])
+def test_em_train_refuses_bad_flags(refused, argv, expect):
+    assert expect in refused(T.main, argv + ["--model", "tiny"] + ([] if "--out" in argv else ["--out", "run"]))
+
+
+@pytest.mark.parametrize("flag", ["--data", "--eval-data"])
+@pytest.mark.parametrize("name,expect", [
+    ("empty", "no problems"), ("blank", "no problems"), ("binary", "binary.jsonl:3: not UTF-8 text")])
+def test_em_train_refuses_bad_data_files_before_any_checkpoint(refused, files, flag, name, expect):
+    message = refused(T.main, [flag, files[name], "--out", "run"])
+    assert files[name] in message and expect in message
+
+
+def damaged_checkpoint(tmp_path, how):
+    ckpt = tmp_path / "run" / "checkpoint"
+    ckpt.mkdir(parents=True)
+    path = ckpt / "trainer_state.pt"
+    torch.save({"iteration": 1, "optimizer": {"state": {0: torch.arange(4096.0)}}}, path)
+    data = bytearray(path.read_bytes())
+    if how == "truncated":
+        data = data[:len(data) // 2]
+    else:                                      # one flipped byte inside the tensor's bytes
+        at = bytes(data).index(torch.arange(4096.0)[100:104].numpy().tobytes())
+        data[at] ^= 0xFF
+    path.write_bytes(bytes(data))
+    return str(path)
+
+
+@pytest.mark.parametrize("how", ["truncated", "corrupt"])
+def test_resume_over_a_damaged_trainer_state_is_one_line(refused, tmp_path, how):
+    path = damaged_checkpoint(tmp_path, how)
+    message = refused(T.main, ["--model", "tiny", "--out", "run", "--resume"])
+    assert os.path.relpath(path, tmp_path) in message and "damaged" in message
+
+
+def test_an_intact_trainer_state_passes_the_check(tmp_path):
+    path = tmp_path / "trainer_state.pt"
+    torch.save({"iteration": 1, "optimizer": {}}, path)
+    T.check_trainer_state(str(path))
+
+
+# ---------------------------------------------------------------------------------------
+# explore.py, model.py, bench.py
+# ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("argv,expect", [
+    (["--k", "0"], "--k must be > 0"),
+    (["--queries", "0"], "--queries"),
+    (["--keep", "9"], "--keep 9"),
+    (["--native-k", "0"], "--native-k >= 1"),
+    (["--temperature", "-1"], "--temperature"),
+    (["--out", "."], "is a directory"),
+    (["--out", "/proc/x/explore.jsonl"], "--out /proc/x/explore.jsonl"),
+    (["--data", "builtin:nonsense"], "builtin:nonsense"),
+])
+def test_explore_refuses_bad_flags(refused, argv, expect):
+    assert expect in refused(X.main, argv + ["--model", "tiny"])
+
+
+def test_explore_refuses_an_empty_data_file(refused, files):
+    assert "no problems" in refused(X.main, ["--data", files["empty"], "--out", "e.jsonl"])
+
+
+@pytest.mark.parametrize("argv,expect", [
+    (["--max-new-tokens", "0"], "--max-new-tokens"),
+    (["--temperature", "-1"], "--temperature"),
+    (["--question", " "], "--question is empty"),
+    (["--prefix", "\\x"], "--prefix"),
+])
+def test_model_main_refuses_bad_flags(refused, argv, expect):
+    assert expect in refused(M.main, argv + ["--model", "tiny"])
+
+
+def test_bench_refuses_bad_counts(refused, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["bench.py", "sampler", "--batches", "8", "0"])
+    assert "--batches" in refused(lambda argv: bench.main(), None)
+
+
+def test_good_arguments_pass_the_checks(tmp_path, files, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    T.check_args(T.parse_args(["--data", files["good"], "--out", "run", "--resume"]))
+    args = types.SimpleNamespace(data="builtin:test", limit=None, n=1, temperature=0.0, max_new_tokens=8,
+                                 batch_size=2, model="tiny", out=None)
+    E.check_args(args)
+    assert args.out == os.path.join("results", "builtin_test-tiny") and not os.path.exists("results")
+
+
+# ---------------------------------------------------------------------------------------
+# Model names that cannot load: seconds, one line, the installed hub client's command
+# ---------------------------------------------------------------------------------------
+CHILD = """
+import sys, time
+import model
+t = time.time()
+try:
+    model.load_model(sys.argv[1])
+except SystemExit as e:
+    print(f"{time.time() - t:.1f}")
+    sys.exit(str(e))
+"""
+
+
+def load_in_child(name, endpoint, tmp_path):
+    env = {**os.environ, "HF_ENDPOINT": endpoint, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "0"}
+    env.pop("HF_HUB_CACHE", None)
+    p = subprocess.run([sys.executable, "-c", CHILD, name], cwd=ROOT, env=env, capture_output=True, text=True,
+                       timeout=300)
+    return p.returncode, p.stdout.strip(), p.stderr.strip()
+
+
+def closed_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("name,repo", [("no-such-model", "no-such-model"), ("Qwen2.5-0.5B", "Qwen/Qwen2.5-0.5B")])
+def test_unreachable_hub_fails_fast_with_one_line(tmp_path, name, repo):
+    rc, seconds, err = load_in_child(name, f"http://127.0.0.1:{closed_port()}", tmp_path)
+    assert rc == 1 and "\n" not in err, err                    # was: 22 lines of retries, then the error
+    assert f"hf download {repo}" in err and "huggingface-cli" not in err and "cannot be reached" in err
+    assert float(seconds) < 20                                  # was: 49 s of retries
+
+
+def test_unknown_id_on_a_reachable_hub_is_one_line(tmp_path):
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), http.server.BaseHTTPRequestHandler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()      # answers 501 to everything
+    try:
+        rc, _, err = load_in_child("org/no-such-model", f"http://127.0.0.1:{server.server_port}", tmp_path)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert rc == 1 and "\n" not in err and "'org/no-such-model' did not load" in err, err
+
+
+def test_a_cached_snapshot_loads_without_the_hub(tmp_path, monkeypatch):
+    """A hub id already in the local cache needs no network: hub_source returns its folder."""
+    snapshot = tmp_path / "snap"
+    snapshot.mkdir()
+    import huggingface_hub
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda repo, local_files_only: str(snapshot))
+    monkeypatch.setattr(M, "_reachable", lambda url: pytest.fail("probed the hub for a cached model"))
+    assert M.hub_source("org/cached") == str(snapshot)
+
+
+# ---------------------------------------------------------------------------------------
+# Progress: per decode step, exact totals, and wired into every sampling loop
+# ---------------------------------------------------------------------------------------
+def rollout(n_tokens):
+    return M.Rollout(prompt_ids=[1], response_ids=[5] * n_tokens, logprobs=[0.0] * n_tokens,
+                     sampled=[True] * n_tokens, text="\\boxed{2}", finish="eos")
+
+
+def test_progress_moves_with_the_hook_and_settles_on_the_outputs(monkeypatch):
+    now = [100.0]
+    monkeypatch.setattr(E.time, "time", lambda: now[0])          # a clock the test moves
+    bar = E.Progress(total=5, desc="t", enabled=False, max_new_tokens=100)
+    assert bar.hook is None                                      # disabled: the sampler gets nothing
+    bar = E.Progress(total=5, desc="t", enabled=True, max_new_tokens=100)
+    assert bar.seconds_left() is None                            # no token yet: no rate
+    now[0] += 1
+    bar.hook(4, 0)
+    assert bar.tokens_per_s() == 4 and bar.bar.n == 0
+    assert bar.seconds_left() == (5 * 100 - 4) / 4               # nothing returned yet: max_new_tokens each
+    bar.hook(2, 1)
+    assert bar.bar.n == 1                                        # a row finished mid-batch: it shows
+    bar.batch_done([rollout(2), rollout(4)])                     # the sampler reported 1 of 2 rows
+    assert bar.bar.n == 2 and bar.tokens == 6
+    bar.batch_done([rollout(3)])                                 # a sampler that reported nothing
+    assert bar.bar.n == 3 and bar.tokens == 9
+    now[0] += 2
+    assert bar.tokens_per_s() == 3 and bar.seconds_left() == 2 * 3 / 3   # 2 left, 3 tokens each so far
+    bar.close()
+
+
+@pytest.fixture
+def fake_sampler(monkeypatch):
+    """model.sample replaced by one that reports every step through `progress`, as the
+    sampler's contract says: (tokens sampled in the step, rows that finished in it)."""
+    bars = []
+    real = E.Progress
+
+    class Recorded(real):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            self.calls = []
+            bars.append(self)
+
+        def __call__(self, new_tokens, finished_rows):
+            self.calls.append((new_tokens, finished_rows))
+            super().__call__(new_tokens, finished_rows)
+
+    def sample(model, tok, prompts, prefixes=None, *, progress=None, **kw):
+        assert progress is not None
+        for step in range(3):
+            progress(len(prompts), len(prompts) if step == 2 else 0)
+        return [rollout(3) for _ in prompts]
+
+    monkeypatch.setattr(E, "Progress", Recorded)
+    monkeypatch.setattr(M, "sample", sample)
+    return bars
+
+
+def test_evaluate_run_reports_progress(fake_sampler, tok, tmp_path):
+    problems = E.load_problems("builtin:test", limit=3)
+    E.run(None, tok, problems, ["cot", "code"], str(tmp_path / "r"), max_new_tokens=3, batch_size=4)
+    [bar] = fake_sampler
+    assert bar.bar.n == bar.bar.total == 6 and bar.tokens == 18
+    assert len(bar.calls) == 3 * 3                   # 3 sample calls (4 + 2 rollouts, split by mode), 3 steps each
+
+
+def test_explore_reports_progress(fake_sampler, tok):
+    problems = E.load_problems("builtin:train", limit=2)
+    X.explore(None, tok, problems, k=2, native_k=1, max_new_tokens=3, batch_size=8)
+    [bar] = fake_sampler
+    assert bar.bar.n == bar.bar.total == 2 * 5 and bar.calls and bar.tokens == 30
+
+
+def test_rl_rollouts_report_progress(fake_sampler, tok):
+    args = T.parse_args(["--sample-batch", "4", "--max-new-tokens", "3"])
+    T.native_records(None, tok, E.load_problems("builtin:train", limit=3), 2, args, seed=0)
+    [bar] = fake_sampler
+    assert bar.bar.n == bar.bar.total == 6 and len(bar.calls) == 3 * 2
