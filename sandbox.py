@@ -8,57 +8,92 @@ Contract (model.py, evaluate.py and the tests rely on exactly this):
       expression its value is printed, as in a notebook. `ok` means the last block finished
       without exception, timeout or crash; `error` is one short line or None.
       A block that times out resets the state: later blocks run in a fresh interpreter and
-      their output starts with a note saying so.
+      their output starts with a note saying so. A bad limit (timeout nan, inf, 0, over 600 s;
+      a non-positive memory_mb, ...) raises ValueError before anything runs.
   run_batch(list_of_cell_lists, workers=os.cpu_count(), ...) -> list[Result], order kept.
   python sandbox.py -c "print(1+1)"         # a quick manual try
-  python sandbox.py --selftest              # print which protections this machine allows
+  python sandbox.py --selftest              # measure, from inside a sandbox, each protection
 
-How it works. A pool of pre-warmed server processes ("zygotes") is started once, with a
-scrubbed environment and numpy + sympy already imported. For each request a zygote forks:
-  G  a supervisor outside any namespace, which calls unshare(CLONE_NEWPID) and forks
-  R  PID 1 of a new PID namespace; it enters new mount and network namespaces, remounts every
-     filesystem read-only, mounts a fresh /proc and a private tmpfs on an empty scratch
-     directory and on /dev/shm, and forks
-  W  the worker: its own session, resource limits, no capabilities, cwd = HOME = TMPDIR =
-     the scratch tmpfs, stdin empty; it runs the cells.
-The zygote enforces the wall-clock limit per cell from outside and SIGKILLs R on timeout;
-when R (PID 1) dies the kernel kills everything left in its namespace: children, fork
-trees, setsid daemons. Nothing a cell writes outlives the call (tmpfs in a private mount
-namespace). Forking a warm zygote costs a few ms, against ~36 ms for a fresh `python -c`
-and ~300 ms for one that imports sympy.
+How it works. A pool of pre-warmed zygotes (Z) is started once, with a scrubbed environment
+and numpy + sympy imported. Z never reads a request: it only forks, ahead of time,
+  G  a supervisor (outside every namespace) that builds one sandbox, then reads ONE request
+     itself from Z's stdin, watches it, writes the result to Z's stdout and cleans up. Z forks
+     the next G as soon as this one has taken its request, so the next sandbox is built while
+     this one runs, and no request's cells or output ever sit in Z's memory: request N+1 is a
+     fork of a process that never saw request N (nor, in run_batch, any other rollout).
+  R  PID 1 of a new PID namespace; it enters new mount, network, IPC, UTS and cgroup
+     namespaces, joins a fresh per-sandbox cgroup (memory and process count for the whole
+     sandbox), remounts every filesystem read-only, nodev and nosuid, mounts a fresh /proc
+     (read-only), a minimal /dev (null zero full random urandom, a private shm), an empty /run
+     and a private tmpfs on an empty scratch directory, and forks
+  W  the worker: a new user namespace in which it is uid/gid 65534 with no capabilities at all
+     (empty bounding set), no_new_privs, a fresh session keyring, its own session, resource
+     limits, cwd = HOME = TMPDIR = the scratch tmpfs, stdin empty; it runs the cells.
+
+What decides a result. The verdict travels on pipes the cell never holds: R (root outside,
+PID 1, which W's uid cannot signal) reports how W ended (waitpid), G reads that and keeps its
+own clock. W also reports which cell it is in and the last cell's exception; the cell can
+write to that pipe too, so G treats it as untrusted text: a line must be short, well formed,
+and a cell index counts only if it is an integer above the previous one and below the cell
+count. A forged report can therefore only blame another cell or make the result worse: the
+per-cell deadline restarts at most once per cell and never past SETUP_SLACK + cells x timeout,
+"finished" means W's exit status seen by R, and anything malformed marks the result failed.
+The caller (run_cells) keeps a deadline of its own (cells x timeout + CLIENT_GRACE): if no
+answer with the request's random id comes by then it kills the zygote's process group and
+every process left in its cgroups, and starts a fresh one. Cleanup (kill the namespace and
+everything in the cgroup, remove the scratch directory and the cgroup) runs in `finally`.
 
 Limits (flags of run_cells / run_batch; defaults in brackets):
-  timeout       wall-clock seconds per cell, SIGKILL from the parent [5.0]
-  memory_mb     address-space limit (RLIMIT_AS); a huge allocation raises MemoryError [1024]
+  timeout       wall-clock seconds per cell, in (0, 600] [5.0]
+  memory_mb     per process (RLIMIT_AS: a huge allocation raises MemoryError) and, where a
+                memory cgroup is available, for the whole sandbox (the kernel kills one of its
+                processes past it) [1024]
   max_output    bytes of output kept, head + tail with a marker [20000]
   file_mb       largest file a cell may write (RLIMIT_FSIZE) [16]
   max_files     open file descriptors (RLIMIT_NOFILE) [64]
-  max_procs     processes and threads of the user (RLIMIT_NPROC; root is exempt) [64]
-  tmpfs_mb      size of the private /tmp [64]
+  max_procs     processes and threads of the whole sandbox: a pids cgroup where available, and
+                RLIMIT_NPROC, which counts only this sandbox in its own user namespace [64]
+  tmpfs_mb      size of the private scratch tmpfs [64]
   Python's int-to-str digit limit is lifted, so huge integers print.
 
-Isolation needs root (or CAP_SYS_ADMIN), as in CI here; AUTOCODE_SANDBOX_NAMESPACES=0 turns
-it off (the tests run the fallback that way too). Without it the sandbox falls back to: a process group killed on timeout, resource limits, a temporary directory removed
-afterwards, a scrubbed environment. In that fallback it does NOT stop: a daemon that
-double-forks and calls setsid surviving the call, network access, writes to any file the
-user can write, reading other processes' /proc entries of the same user.
-As root, RLIMIT_NPROC does not apply: a fork bomb runs until the cell's timeout, then its
-whole PID namespace is killed (a pids cgroup would bound it sooner; we tried one, and the
-kernel releases the pid counts of torn-down namespaces lazily, so a busy pool hit its limit
-spuriously).
-Never protected against, in either mode: reading files the user (root) can read (secrets
-on disk: keep them off the machine that runs rollouts), CPU contention with the host,
-kernel exploits. It is a guard for model-written math code, not for a determined attacker.
+Cgroups: v2 where the zygote's cgroup delegates memory and pids, else v1 memory and pids
+hierarchies (as on the machine this was written on), else none. One cgroup per request,
+created before and removed after it (a reused one kept the pid counts of torn-down
+namespaces for a while, so a busy pool hit its limit spuriously). Without cgroups the only
+bounds are the per-process RLIMIT_AS and RLIMIT_NPROC.
+
+FALLBACK. Isolation needs root (CAP_SYS_ADMIN) and namespaces. AUTOCODE_SANDBOX_NAMESPACES=0,
+or a machine that does not allow them, gives the fallback. As root it is refused (run_cells
+raises RuntimeError) unless AUTOCODE_SANDBOX_ROOT_FALLBACK=1, which the tests set: cells then
+run as root with every capability dropped, the same rights as a non-root user running its own
+code, which is what the fallback is for. The fallback still does: a scrubbed environment, a
+fresh session keyring, no capabilities, no_new_privs, resource limits, a supervisor that is a
+child subreaper and kills every descendant of the request (setsid or setpgid children too) plus
+everything in its cgroup (cgroups only as root), a scratch directory removed afterwards, the
+sandbox's own processes non-dumpable (their /proc/<pid>/mem, environ and fd are closed to the
+cell), the same untrusted-report rules and the caller's deadline. FALLBACK_GAPS lists what it
+does NOT protect; `--selftest` prints it.
+
+Never protected against, in either mode: reading world-readable files (keep secrets off the
+machine that runs rollouts, or at least not world-readable), a unix socket that any user may
+write to, CPU contention with the host, kernel exploits (nested user namespaces are allowed).
+It is a guard for model-written math code, not a proof against a determined attacker.
 """
 import argparse
 import ast
 import atexit
 import ctypes
+import errno
 import gc
 import json
+import math
 import os
+import platform
 import queue
+import re
 import resource
+import secrets
+import select
 import selectors
 import signal
 import shutil
@@ -73,15 +108,30 @@ from dataclasses import dataclass
 
 DEFAULTS = dict(timeout=5.0, memory_mb=1024, max_output=20000, file_mb=16, max_files=64,
                 max_procs=64, tmpfs_mb=64)
+MAX_TIMEOUT = 600.0          # seconds per cell: past this a "timeout" is a bug, not a limit
+SETUP_SLACK = 0.5            # G's allowance for W to receive its request and start cell 1
+CLIENT_GRACE = 2.0           # the caller's deadline: cells x timeout + this
+SANDBOX_ID = 65534           # uid and gid of the cell ("nobody")
 SAFE_ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": "/tmp",
             "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
             "PYTHONDONTWRITEBYTECODE": "1", "PYTHONHASHSEED": "0"}
+TAG = "AUTOCODE_SANDBOX_TAG"  # in every sandbox process's environment: the caller's pid
+FALLBACK_GAPS = (
+    "no PID namespace: the cell sees every process and can signal the caller, the zygote and "
+    "its supervisors (same user); one it kills cannot clean up, and its children may then survive",
+    "no mount namespace: writes anywhere the user can write, including /proc/sys when that user is root",
+    "no network namespace: full network access",
+    "no IPC or UTS namespace: SysV shared memory and the hostname are the host's",
+    "the user's keyring (@u) is shared with the host (the session keyring is fresh)",
+    "reads the environment and memory of the user's other processes, the caller included "
+    "(only the sandbox's own processes are non-dumpable)",
+    "device nodes the user may open stay writable",
+    "without root no cgroup: memory is bounded per process and RLIMIT_NPROC counts every process of the user",
+)
 # imported in the zygote so cells get them for free (forked, not loaded)
 WARM_IMPORTS = ("math", "cmath", "fractions", "decimal", "itertools", "functools", "collections",
                 "statistics", "random", "re", "string", "heapq", "bisect", "operator", "datetime",
                 "numpy", "sympy")
-
-
 # run once in the zygote, so the lazy imports and caches behind common calls are already
 # in memory when a worker is forked (a first sympy.factorint costs ~1 ms and more imports)
 WARM_UP = """
@@ -101,13 +151,26 @@ class Result:
     error: str | None = None
 
 
+class SandboxRefused(RuntimeError):
+    """Root without namespaces, and no AUTOCODE_SANDBOX_ROOT_FALLBACK=1."""
+
+
 # ---------------------------------------------------------------------------------------
 # Linux plumbing (ctypes: Python 3.11 has no os.unshare / os.mount)
 # ---------------------------------------------------------------------------------------
-CLONE_NEWNS, CLONE_NEWPID, CLONE_NEWNET = 0x00020000, 0x20000000, 0x40000000
-MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = (
-    1, 2, 4, 8, 32, 4096, 16384, 1 << 18)
-PR_SET_PDEATHSIG, PR_SET_NO_NEW_PRIVS, PR_CAPBSET_DROP, PR_SET_CHILD_SUBREAPER = 1, 38, 24, 36
+CLONE_NEWNS, CLONE_NEWCGROUP, CLONE_NEWUTS, CLONE_NEWIPC = 0x00020000, 0x02000000, 0x04000000, 0x08000000
+CLONE_NEWUSER, CLONE_NEWPID, CLONE_NEWNET = 0x10000000, 0x20000000, 0x40000000
+MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REMOUNT, MS_BIND, MS_MOVE, MS_REC, MS_PRIVATE = (
+    1, 2, 4, 8, 32, 4096, 8192, 16384, 1 << 18)
+PR_SET_PDEATHSIG, PR_SET_DUMPABLE, PR_CAPBSET_DROP, PR_SET_CHILD_SUBREAPER, PR_SET_NO_NEW_PRIVS = 1, 4, 24, 36, 38
+SYS_KEYCTL = {"x86_64": 250, "aarch64": 219}.get(platform.machine())
+KEYCTL_JOIN_SESSION_KEYRING = 1
+HARMLESS_DEVICES = ("null", "zero", "full", "random", "urandom")
+# the supervisors ignore these, so a cell that shares their uid (the fallback) cannot end them
+# with anything but SIGKILL; W restores the defaults before any cell runs
+IGNORED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1,
+                   signal.SIGUSR2, signal.SIGALRM, signal.SIGPIPE, signal.SIGXFSZ, signal.SIGTSTP,
+                   signal.SIGTTIN, signal.SIGTTOU, signal.SIGVTALRM, signal.SIGPROF)
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
@@ -118,88 +181,439 @@ def _check(ret, what):
 
 
 def _mount(src, target, fstype, flags, data=None):
-    _check(_libc.mount(src and src.encode(), target.encode(), fstype and fstype.encode(), flags,
-                       data and data.encode()), f"mount {target}")
+    _check(_libc.mount(src and src.encode(), target.encode(), fstype and fstype.encode(),
+                       ctypes.c_ulong(flags), data and data.encode()), f"mount {target}")
+
+
+def _write(path, text):
+    with open(path, "w") as f:
+        f.write(text)
 
 
 def _drop_capabilities():
-    """No capabilities at all: root inside the sandbox cannot remount, mount or kill outside."""
+    """No capabilities at all, now or after an exec (empty bounding set), and no_new_privs."""
     for cap in range(64):
         if _libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) != 0:
-            break
+            break                                      # past the last cap, or not allowed (non-root)
     header = (ctypes.c_uint32 * 2)(0x20080522, 0)      # _LINUX_CAPABILITY_VERSION_3, this pid
     data = (ctypes.c_uint32 * 6)()                     # effective/permitted/inheritable = 0
     _check(_libc.capset(header, data), "capset")
-    _libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
+    _check(_libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "no_new_privs")
 
 
-def _mount_points():
-    with open("/proc/self/mountinfo") as f:
-        return [line.split()[4] for line in f]
+def _join_fresh_session_keyring():
+    """An anonymous session keyring: the one inherited from the caller is no longer reachable."""
+    if SYS_KEYCTL is not None and _libc.syscall(SYS_KEYCTL, KEYCTL_JOIN_SESSION_KEYRING, None) < 0:
+        raise OSError(ctypes.get_errno(), "keyctl(join session keyring)")
 
 
-def _private_filesystem(tmpfs_mb, scratch):
-    """In a new mount namespace: everything read-only, a fresh /proc, and private tmpfs on the
-    (empty) scratch directory and /dev/shm: the only places a cell can write."""
-    _mount(None, "/", None, MS_REC | MS_PRIVATE)
-    for point in sorted(_mount_points(), key=len, reverse=True):
-        if point.startswith("/proc"):
-            continue
+def _ignore_signals():
+    for s in IGNORED_SIGNALS:
+        signal.signal(s, signal.SIG_IGN)
+
+
+def _restore_signals():
+    for s in IGNORED_SIGNALS:
+        signal.signal(s, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.default_int_handler)    # KeyboardInterrupt, as usual
+    signal.signal(signal.SIGPIPE, signal.SIG_IGN)                # Python's default
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)                # oversized writes raise OSError
+
+
+def _keep_fds(keep):
+    """Close every file descriptor except `keep`."""
+    low = 0
+    for fd in sorted(set(keep)) + [1 << 20]:
+        if low < fd:                                  # closerange(0, 0) closes everything
+            os.closerange(low, fd)
+        low = fd + 1
+
+
+def _children(pid):
+    kids = []
+    for tid in os.listdir(f"/proc/{pid}/task"):
         try:
-            _mount(None, point, None, MS_BIND | MS_REMOUNT | MS_RDONLY | MS_NOSUID)
+            with open(f"/proc/{pid}/task/{tid}/children") as f:
+                kids += [int(k) for k in f.read().split()]
         except OSError:
-            pass                                    # e.g. already read-only with locked flags
-    _mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
-    for point in (scratch, "/dev/shm"):       # not /tmp itself: the interpreter may live there
-        if os.path.isdir(point):
-            _mount("tmpfs", point, "tmpfs", MS_NOSUID | MS_NODEV, f"size={tmpfs_mb}m,mode=1777")
+            pass
+    return kids
+
+
+def _kill_descendants():
+    """SIGKILL every child, wait for it, repeat: as a child subreaper this process inherits the
+    orphans of each one it kills, so the loop reaches the whole tree, setsid'd or not."""
+    for _ in range(10000):
+        kids = _children(os.getpid())
+        if not kids:
+            return
+        for k in kids:
+            try:
+                os.kill(k, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        for k in kids:
+            try:
+                os.waitpid(k, 0)
+            except ChildProcessError:
+                pass
+
+
+def _mountinfo():
+    """(mount id, mount point, per-mount options) for each line of /proc/self/mountinfo."""
+    rows = []
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), fields[4])
+            rows.append((int(fields[0]), point, set(fields[5].split(","))))
+    return rows
 
 
 # ---------------------------------------------------------------------------------------
-# The worker W: runs the cells. Everything here happens in the forked child.
+# Cgroups: one per request, for the whole sandbox's memory and process count
+# ---------------------------------------------------------------------------------------
+def _cgroup_bases():
+    """{"version": 1|2, "dirs": [...]} for the cgroup(s) this process may create children in,
+    or None. v2 needs memory and pids delegated to our cgroup; v1 needs both hierarchies."""
+    if os.geteuid() != 0:
+        return None
+    try:
+        with open("/proc/self/cgroup") as f:
+            own = {}
+            for line in f:
+                _, ctrls, path = line.rstrip("\n").split(":", 2)
+                for c in ctrls.split(","):
+                    own[c] = path
+        mounts = {}
+        with open("/proc/self/mountinfo") as f:
+            for line in f:
+                pre, post = line.split(" - ", 1)
+                fstype, _, opts = post.split()[:3]
+                if fstype == "cgroup2":
+                    mounts.setdefault("v2", pre.split()[4])
+                elif fstype == "cgroup":
+                    for c in ("memory", "pids"):
+                        if c in opts.split(","):
+                            mounts[c] = pre.split()[4]
+    except (OSError, ValueError):
+        return None
+    if "v2" in mounts and "" in own:
+        base = mounts["v2"] + own[""].rstrip("/")
+        try:
+            with open(base + "/cgroup.subtree_control") as f:
+                if {"memory", "pids"} <= set(f.read().split()):
+                    return {"version": 2, "dirs": [base]}
+        except OSError:
+            pass
+    if "memory" in mounts and "pids" in mounts and "memory" in own and "pids" in own:
+        dirs = [mounts[c] + own[c].rstrip("/") for c in ("memory", "pids")]
+        if all(os.access(d, os.W_OK) for d in dirs):
+            return {"version": 1, "dirs": dirs}
+    return None
+
+
+class _Cgroup:
+    """The cgroup(s) of one sandbox: <base>/autocode-<zygote pid>/<supervisor pid>."""
+
+    def __init__(self, bases, zygote_pid):
+        self.version = bases["version"]
+        self.dirs = [f"{b}/autocode-{zygote_pid}/{os.getpid()}" for b in bases["dirs"]]
+        for d in self.dirs:
+            os.mkdir(d)
+
+    def join(self):
+        for d in self.dirs:
+            _write(d + "/cgroup.procs", "0")
+
+    def limit(self, memory_mb, max_procs):
+        mem = str(memory_mb << 20)
+        if self.version == 2:
+            _write(self.dirs[0] + "/memory.max", mem)
+            _write(self.dirs[0] + "/memory.swap.max", "0")
+            _write(self.dirs[0] + "/pids.max", str(max_procs))
+            return
+        _write(self.dirs[0] + "/memory.limit_in_bytes", mem)
+        if os.path.exists(self.dirs[0] + "/memory.memsw.limit_in_bytes"):
+            _write(self.dirs[0] + "/memory.memsw.limit_in_bytes", mem)
+        _write(self.dirs[1] + "/pids.max", str(max_procs))
+
+    def oom_kills(self):
+        name = "/memory.events" if self.version == 2 else "/memory.oom_control"
+        try:
+            with open(self.dirs[0] + name) as f:
+                return sum(int(line.split()[1]) for line in f if line.startswith("oom_kill "))
+        except OSError:
+            return 0
+
+    def remove(self):
+        _kill_cgroup(self.dirs[-1])
+        for d in self.dirs:
+            _rmdir_retry(d)
+
+
+def _cgroup_pids(d):
+    try:
+        with open(d + "/cgroup.procs") as f:
+            return [int(p) for p in f.read().split()]
+    except (OSError, ValueError):
+        return []
+
+
+def _kill_cgroup(d):
+    """SIGKILL everything in cgroup `d` until it is empty (new forks are caught next round)."""
+    for _ in range(1000):
+        pids = [p for p in _cgroup_pids(d) if p != os.getpid()]
+        if not pids:
+            return
+        for p in pids:
+            try:
+                os.kill(p, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        time.sleep(0.001)
+
+
+def _rmdir_retry(d, seconds=0.5):
+    end = time.monotonic() + seconds
+    while True:
+        try:
+            os.rmdir(d)
+            return True
+        except FileNotFoundError:
+            return True
+        except OSError:                              # EBUSY: an exiting task is still counted
+            if time.monotonic() > end:
+                return False
+            time.sleep(0.005)
+
+
+def sweep_cgroups(only_pid=None):
+    """Kill what is left in, and remove, the cgroups of zygotes that are gone (or of `only_pid`)."""
+    bases = _cgroup_bases()
+    for base in bases["dirs"] if bases else []:
+        for name in os.listdir(base):
+            m = re.fullmatch(r"autocode-(\d+)", name)
+            if not m or (only_pid is None and os.path.exists(f"/proc/{m.group(1)}")) or \
+                    (only_pid is not None and int(m.group(1)) != only_pid):
+                continue
+            zdir = f"{base}/{name}"
+            for leaf in os.listdir(zdir):
+                if os.path.isdir(f"{zdir}/{leaf}"):
+                    _kill_cgroup(f"{zdir}/{leaf}")
+                    _rmdir_retry(f"{zdir}/{leaf}")
+            _rmdir_retry(zdir)
+
+
+# ---------------------------------------------------------------------------------------
+# R: PID 1 of the namespaces; builds the filesystem, forks W, reports how W ended
+# ---------------------------------------------------------------------------------------
+def _readonly_everything():
+    """Every mount read-only, nodev and nosuid (noexec kept where it was)."""
+    _mount(None, "/", None, MS_REC | MS_PRIVATE)
+    for _, point, opts in sorted(_mountinfo(), key=lambda r: len(r[1]), reverse=True):
+        if point == "/proc" or point.startswith("/proc/"):
+            continue                                  # replaced by a fresh read-only /proc
+        flags = MS_BIND | MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV | (MS_NOEXEC if "noexec" in opts else 0)
+        try:
+            _mount(None, point, None, flags)
+        except OSError:
+            pass                                      # checked below: no writable mount may remain
+    return {mid for mid, _, _ in _mountinfo()}
+
+
+def _interpreter_dirs():
+    dirs = (sys.base_prefix, sys.prefix, os.path.dirname(os.path.realpath(sys.executable)), *sys.path)
+    return sorted({os.path.realpath(d) for d in dirs if d and os.path.isdir(d)})
+
+
+def _expose_interpreter():
+    """The cell, as SANDBOX_ID, must still reach the interpreter and its libraries. Where one
+    sits below a directory other users cannot enter (a pyenv in /root, mode 700), that
+    directory is covered with an empty read-only tmpfs holding only read-only binds of what the
+    interpreter needs: the cell gets the interpreter, not the rest of /root."""
+    hidden = {}
+    for d in _interpreter_dirs():
+        parts = d.split("/")
+        for i in range(2, len(parts)):               # ancestors strictly above d
+            top = "/".join(parts[:i])
+            if not os.stat(top).st_mode & 0o001:
+                hidden.setdefault(top, []).append(d)
+                break
+    for top, dirs in hidden.items():
+        outer = [d for d in dirs if not any(d.startswith(e + "/") for e in dirs)]
+        fds = [os.open(d, os.O_PATH) for d in outer]
+        _mount("tmpfs", top, "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, "size=64k,mode=755")
+        for d, fd in zip(outer, fds):
+            os.makedirs(d, mode=0o755, exist_ok=True)
+            _mount(f"/proc/self/fd/{fd}", d, None, MS_BIND | MS_REC)    # already ro, nodev, nosuid
+            os.close(fd)
+        _mount(None, top, None, MS_BIND | MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC)
+
+
+def _check_readonly(old_ids):
+    """Refuse to run if any mount we did not create is still writable, dev or suid."""
+    for mid, point, opts in _mountinfo():
+        if mid in old_ids and not point.startswith(("/proc", "/dev", "/run")) and \
+                not {"ro", "nodev", "nosuid"} <= opts:
+            raise OSError(errno.EPERM, f"mount {point} is still {','.join(sorted(opts))}")
+
+
+def _private_dev(staging, tmpfs_mb):
+    """A minimal /dev: the harmless character devices (read-only binds), a private shm, the
+    usual symlinks. Built on `staging` and moved over /dev, hiding every other device."""
+    _mount("tmpfs", staging, "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, "size=64k,mode=755")
+    for name in HARMLESS_DEVICES:
+        open(f"{staging}/{name}", "w").close()
+        _mount(f"/dev/{name}", f"{staging}/{name}", None, MS_BIND)
+        _mount(None, f"{staging}/{name}", None, MS_BIND | MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NOEXEC)
+    for name, target in (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"),
+                         ("stdout", "/proc/self/fd/1"), ("stderr", "/proc/self/fd/2")):
+        os.symlink(target, f"{staging}/{name}")
+    os.mkdir(f"{staging}/shm")
+    _mount("tmpfs", f"{staging}/shm", "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, f"size={tmpfs_mb}m,mode=1777")
+    _mount(None, staging, None, MS_BIND | MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC)
+    _mount(staging, "/dev", None, MS_MOVE)
+
+
+def _build_filesystem(old_ids, scratch, tmpfs_mb):
+    _mount(None, "/proc", None, MS_BIND | MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC)
+    _private_dev(scratch, tmpfs_mb)
+    if os.path.isdir("/run"):                         # daemons' sockets live here: hide them
+        _mount("tmpfs", "/run", "tmpfs", MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC, "size=4k,mode=755")
+    _mount("tmpfs", scratch, "tmpfs", MS_NOSUID | MS_NODEV, f"size={tmpfs_mb}m,mode=1777")
+    _check_readonly(old_ids)
+
+
+def _init_process(sb):
+    """R. Namespaced: PID 1 that builds the sandbox; fallback: a plain parent of W."""
+    _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    _ignore_signals()
+    null = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(null, fd)
+    _keep_fds([0, 1, 2, sb.req_r, sb.status_w, sb.out_w, sb.report_w])
+    if sb.cgroup:
+        sb.cgroup.join()                              # R and every descendant count against it
+    if sb.isolated:
+        _check(_libc.unshare(CLONE_NEWNS | CLONE_NEWNET | CLONE_NEWIPC | CLONE_NEWUTS | CLONE_NEWCGROUP),
+               "unshare(mount, net, ipc, uts, cgroup)")
+        _check(_libc.sethostname(b"sandbox", 7), "sethostname")
+        old_ids = _readonly_everything()
+        _mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)   # this PID namespace's
+        _expose_interpreter()
+    to_w_r, to_w = os.pipe()                           # R -> W: "go", then the request
+    from_w, from_w_w = os.pipe()                       # W -> R: "my user namespace exists"
+    w = os.fork()
+    if w == 0:
+        try:
+            _keep_fds([0, 1, 2, to_w_r, from_w_w, sb.out_w, sb.report_w])
+            _worker(sb, to_w_r, from_w_w)
+        except BaseException as e:                    # setup failed: say so, never run the code
+            _report(sb.report_w, {"setup": _one_line(e)})
+            os._exit(70)
+    for fd in (to_w_r, from_w_w, sb.out_w):          # report_w stays: R reports its own setup
+        os.close(fd)
+    if sb.isolated:
+        if os.read(from_w, 1) != b"u":
+            raise OSError("the worker died before its user namespace was mapped")
+        _write(f"/proc/{w}/uid_map", f"{SANDBOX_ID} {SANDBOX_ID} 1")
+        _write(f"/proc/{w}/gid_map", f"{SANDBOX_ID} {SANDBOX_ID} 1")
+        _build_filesystem(old_ids, sb.scratch, sb.tmpfs_mb)
+    os.write(to_w, b"g")
+    line = _read_line(sb.req_r)                      # from G, once a request has come
+    if line:
+        req = json.loads(line)
+        if sb.isolated and req["tmpfs_mb"] != sb.tmpfs_mb:
+            _mount("tmpfs", sb.scratch, None, MS_REMOUNT | MS_NOSUID | MS_NODEV, f"size={req['tmpfs_mb']}m")
+        _write_all(to_w, line)
+    os.close(to_w)                                    # no request: W reads EOF and exits
+    _, status = os.waitpid(w, 0)
+    os.write(sb.status_w, (json.dumps({"exit": status}) + "\n").encode())
+    os._exit(0)                                       # PID 1 gone: the kernel kills the rest
+
+
+# ---------------------------------------------------------------------------------------
+# W: the worker. Everything here happens in the forked child, before and while cells run.
 # ---------------------------------------------------------------------------------------
 def _limit(name, value):
     resource.setrlimit(name, (value, value))
 
 
-def _worker(sb):
-    """W: set up everything that does not depend on the request, then block until it comes,
-    so a request costs no fork at all."""
+def _report(fd, msg):
+    os.write(fd, (json.dumps(msg) + "\n").encode())
+
+
+def _write_all(fd, data):
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def _become_nobody(sb, to_w_r, from_w_w):
+    """Namespaced: a user namespace of its own mapping only SANDBOX_ID, then that uid and gid,
+    no capabilities. Fallback: no capabilities (as root, that is a plain user's rights)."""
+    if sb.isolated:
+        _check(_libc.unshare(CLONE_NEWUSER), "unshare(user)")
+        os.write(from_w_w, b"u")                      # R writes our uid_map and gid_map
+    if os.read(to_w_r, 1) != b"g":
+        os._exit(0)                                   # the sandbox was discarded
+    os.close(from_w_w)
+    if sb.isolated:
+        os.setgroups([])
+        os.setresgid(SANDBOX_ID, SANDBOX_ID, SANDBOX_ID)
+        for cap in range(64):                         # the bounding set needs CAP_SETPCAP: first
+            if _libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) != 0:
+                break
+        os.setresuid(SANDBOX_ID, SANDBOX_ID, SANDBOX_ID)
+    _drop_capabilities()
+    _join_fresh_session_keyring()
+
+
+def _worker(sb, to_w_r, from_w_w):
+    """W: set up everything that does not depend on the request, then block until it comes."""
     os.setsid()
     _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    if not sb.isolated:                               # the zygote kills this group afterwards
-        os.write(sb.status_w, (json.dumps({"w": os.getpid()}) + "\n").encode())
-    null = os.open(os.devnull, os.O_RDWR)
-    os.dup2(null, 0)
+    try:
+        _write("/proc/self/oom_score_adj", "1000")    # the first victim, host-wide
+    except OSError:
+        pass
+    _become_nobody(sb, to_w_r, from_w_w)
+    _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)   # a uid change clears it
+    _restore_signals()
     os.chdir(sb.scratch)
     os.environ.clear()
     os.environ.update(SAFE_ENV, HOME=sb.scratch, TMPDIR=sb.scratch)
-    if sb.isolated:
-        _drop_capabilities()
-    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)        # oversized writes raise OSError instead
+    if sb.tag:
+        os.environ[TAG] = sb.tag
     sys.set_int_max_str_digits(0)
-    with os.fdopen(sb.req_r) as f:
-        req = json.loads(f.readline() or "null")
-    if req is None:                                   # the zygote discarded this sandbox
+    line = _read_line(to_w_r)
+    os.close(to_w_r)
+    if not line:
         os._exit(0)
+    req = json.loads(line)
     mb = 1 << 20
     _limit(resource.RLIMIT_AS, req["memory_mb"] * mb)
     _limit(resource.RLIMIT_FSIZE, req["file_mb"] * mb)
     _limit(resource.RLIMIT_NOFILE, req["max_files"])
     _limit(resource.RLIMIT_CORE, 0)
     _limit(resource.RLIMIT_CPU, int(req["timeout"] * len(req["cells"])) + 2)
-    _limit(resource.RLIMIT_NPROC, req["max_procs"])   # root ignores it: see the docstring
-    status_w, out_w = sb.status_w, sb.out_w
-    status = os.fdopen(status_w, "w", buffering=1)
+    _limit(resource.RLIMIT_NPROC, req["max_procs"])
+    _run_cells(req["cells"], sb.out_w, sb.report_w)
+
+
+def _run_cells(cells, out_w, report_w):
+    null = os.open(os.devnull, os.O_RDWR)
+    os.dup2(null, 0)
     scope = {"__name__": "__main__", "__builtins__": __builtins__}
-    cells = req["cells"]
+    error = None
     for i, cell in enumerate(cells):
         last = i == len(cells) - 1
         sys.stdout.flush()
         sys.stderr.flush()
         os.dup2(out_w if last else null, 1)           # only the last cell's output is shown
         os.dup2(out_w if last else null, 2)
-        status.write(json.dumps({"cell": i}) + "\n")
+        _report(report_w, {"cell": i})
         error = _run_cell(cell, scope, f"<cell {i + 1}>", show_last=last)
         if error is not None and last or isinstance(error, SystemExit):
             break
@@ -208,12 +622,9 @@ def _worker(sb):
     code = 0
     if isinstance(error, SystemExit):
         code = error.code if isinstance(error.code, int) else (0 if error.code is None else 1)
-        error = None if code == 0 else f"Exited with code {code}"
     elif error is not None:
-        error = _one_line(error)
-    status.write(json.dumps({"done": True, "ok": error is None, "error": error}) + "\n")
-    status.flush()
-    os._exit(code)
+        _report(report_w, {"error": _one_line(error)})
+    os._exit(code & 0xFF)
 
 
 def _run_cell(source, scope, name, show_last):
@@ -246,96 +657,17 @@ def _one_line(e):
 
 
 # ---------------------------------------------------------------------------------------
-# The zygote: a long-lived server that forks G -> R -> W per request.
+# G: one request's supervisor, forked by the zygote before the request exists
 # ---------------------------------------------------------------------------------------
-def _describe(status):
-    if os.WIFSIGNALED(status):
-        return f"Killed by signal {os.WTERMSIG(status)}"
-    if os.WIFEXITED(status) and os.WEXITSTATUS(status) != 0:
-        return f"Exited with code {os.WEXITSTATUS(status)}"
-    return None
-
-
-def _setup_failed(status_w, e):
-    os.write(status_w, (json.dumps({"done": True, "ok": False,
-                                    "error": f"sandbox setup failed: {e}"}) + "\n").encode())
-    os._exit(70)
-
-
-def _init_process(sb):
-    """R: PID 1 of the namespace (or a plain parent in the fallback). Builds the sandbox
-    ahead of time, forks W (which waits for the request) and reports how W ended."""
-    _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    if sb.isolated:
-        _check(_libc.unshare(CLONE_NEWNS | CLONE_NEWNET), "unshare(mount, net)")
-        _private_filesystem(sb.tmpfs_mb, sb.scratch)
-    w = os.fork()
-    if w == 0:
-        try:
-            _worker(sb)
-        except BaseException as e:                    # setup failed: say so, never run the code
-            _setup_failed(sb.status_w, e)
-    os.close(sb.out_w)
-    os.close(sb.req_r)
-    _, status = os.waitpid(w, 0)
-    os.write(sb.status_w, (json.dumps({"exit": _describe(status)}) + "\n").encode())
-    os._exit(0)
-
-
-def _supervisor(sb):
-    """G: outside the namespace; the zygote kills R through it (R dies with G)."""
-    if sb.isolated:
-        _check(_libc.unshare(CLONE_NEWPID), "unshare(pid)")
-    r = os.fork()
-    if r == 0:
-        try:
-            _init_process(sb)
-        except BaseException as e:
-            _setup_failed(sb.status_w, e)
-    os.write(sb.status_w, (json.dumps({"r": r}) + "\n").encode())
-    for fd in (sb.status_w, sb.out_w, sb.req_r):
-        os.close(fd)
-    os.waitpid(r, 0)
-    os._exit(0)
-
-
-class _Prepared:
-    """A sandbox forked and set up before its request arrives, so a request costs one fork
-    (W) instead of three plus the namespace and mount work."""
-
-    def __init__(self, isolated, tmpfs_mb):
-        self.isolated, self.tmpfs_mb = isolated, tmpfs_mb
-        self.status_r, self.status_w = os.pipe()
-        self.out_r, self.out_w = os.pipe()
-        self.req_r, self.req_w = os.pipe()
-        self.scratch = tempfile.mkdtemp(prefix="sandbox-")   # tmpfs is mounted on it when isolated
-        self.g = os.fork()
-        if self.g == 0:
-            try:
-                for fd in (self.status_r, self.out_r, self.req_w):
-                    os.close(fd)
-                _supervisor(self)
-            finally:
-                os._exit(71)
-        for fd in (self.status_w, self.out_w, self.req_r):
-            os.close(fd)
-
-    def discard(self):
-        os.close(self.req_w)                          # W reads EOF and exits, then R and G
-        os.waitpid(self.g, 0)
-        for fd in (self.status_r, self.out_r):
-            os.close(fd)
-        if self.scratch:
-            shutil.rmtree(self.scratch, ignore_errors=True)
-
-
-def _read_ready(fd):
-    """Bytes already in the pipe, without blocking (b"" when none or at EOF)."""
-    os.set_blocking(fd, False)
-    try:
-        return os.read(fd, 65536)
-    except BlockingIOError:
-        return b""
+def _read_line(fd, limit=1 << 30):
+    """One line from a pipe, read without buffering past it (others read the same pipe)."""
+    buf = b""
+    while not buf.endswith(b"\n") and len(buf) < limit:
+        data = os.read(fd, 1 << 16)
+        if not data:
+            return b""
+        buf += data
+    return buf
 
 
 class _Capture:
@@ -358,82 +690,221 @@ class _Capture:
         return (bytes(self.head).decode(errors="replace") + mid + bytes(self.tail).decode(errors="replace"))
 
 
-def _serve_one(req, sb):
-    """Hand `req` to the prepared sandbox `sb`, watch it, clean up, return the result dict."""
-    os.write(sb.req_w, (json.dumps(req) + "\n").encode())
-    os.close(sb.req_w)
-    status_r, out_r, g, isolated, scratch = sb.status_r, sb.out_r, sb.g, sb.isolated, sb.scratch
-    sel = selectors.DefaultSelector()
-    sel.register(status_r, selectors.EVENT_READ, "status")
-    sel.register(out_r, selectors.EVENT_READ, "out")
-    out, buf, msgs = _Capture(req["max_output"]), b"", []
-    cell, deadline, timed_out = -1, time.monotonic() + req["timeout"] + 1.0, None
-    open_fds = 2
-    while open_fds:
-        wait = deadline - time.monotonic()
-        if wait <= 0:
-            timed_out = max(cell, 0)
-            break
-        for key, _ in sel.select(wait):
-            data = os.read(key.fd, 65536)
-            if not data:
-                sel.unregister(key.fd)
-                open_fds -= 1
-            elif key.data == "out":
-                out.add(data)
+class _Report:
+    """W's own account (cell index, last exception): untrusted, so parsed strictly."""
+
+    def __init__(self, n):
+        self.n, self.cell, self.error, self.setup, self.tampered, self.buf = n, -1, None, None, False, b""
+
+    def add(self, data):
+        """Returns True when a new cell has started."""
+        self.buf += data
+        *lines, self.buf = self.buf.split(b"\n")
+        if len(self.buf) > 1024:
+            self.tampered, self.buf = True, b""
+        started = False
+        for line in lines:
+            try:
+                msg = json.loads(line)
+                (key, value), = msg.items()
+            except (ValueError, AttributeError):
+                self.tampered = True
+                continue
+            if key == "cell" and type(value) is int and self.cell < value < self.n:
+                self.cell, started = value, True
+            elif key in ("error", "setup") and type(value) is str and getattr(self, key) is None:
+                setattr(self, key, value[:300])
             else:
-                buf += data
-                *lines, buf = buf.split(b"\n")
-                for line in lines:
-                    msg = json.loads(line)
-                    msgs.append(msg)
-                    if "cell" in msg:
-                        cell, deadline = msg["cell"], time.monotonic() + req["timeout"]
-        if any("exit" in m for m in msgs):
-            break                                     # W is done; daemons may hold the pipes
-    r = next((m["r"] for m in msgs if "r" in m), None)
-    for pid in (r,) if r else (g,):
+                self.tampered = True
+        return started
+
+
+class _Sandbox:
+    """What G keeps about the sandbox it built (R and W are forked with copies of it)."""
+
+    def __init__(self, isolated, tmpfs_mb, cgroup, tag):
+        self.isolated, self.tmpfs_mb, self.cgroup, self.tag = isolated, tmpfs_mb, cgroup, tag
+        self.req_r, self.req_w = os.pipe()            # G -> R: the request
+        self.status_r, self.status_w = os.pipe()      # R -> G: how W ended (trusted)
+        self.out_r, self.out_w = os.pipe()            # W -> G: the output
+        self.report_r, self.report_w = os.pipe()      # W -> G: cell index, exception (untrusted)
+        self.scratch = tempfile.mkdtemp(prefix="autocode-sandbox-")
+        self.r = None
+
+
+def _supervisor(isolated, bases, zygote_pid, taken_w, req_fd, res_fd, tag):
+    """G: build a sandbox, wait for one request, run it, answer, clean up, exit."""
+    _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    signal.set_wakeup_fd(-1)
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    _ignore_signals()
+    _libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)   # orphans of the request come back here
+    _keep_fds([0, 1, 2, req_fd, res_fd, taken_w])
+    try:
+        _write("/proc/self/oom_score_adj", "-1000")   # the memory cgroup kills a cell, not G or R
+    except OSError:
+        pass
+    sb = _Sandbox(isolated, DEFAULTS["tmpfs_mb"], _Cgroup(bases, zygote_pid) if bases else None, tag)
+    result = None
+    try:
+        if isolated:
+            _check(_libc.unshare(CLONE_NEWPID), "unshare(pid)")
+        sb.r = os.fork()
+        if sb.r == 0:
+            try:
+                _init_process(sb)
+            except BaseException as e:
+                _report(sb.report_w, {"setup": _one_line(e)})
+            os._exit(70)
+        for fd in (sb.req_r, sb.status_w, sb.out_w, sb.report_w):
+            os.close(fd)
+        line = _read_line(req_fd)
+        os.write(taken_w, b"T" if line else b"E")     # Z may fork the next supervisor now
+        os.close(taken_w)
+        if not line:
+            return
+        req = json.loads(line)
         try:
-            os.kill(pid, signal.SIGKILL)              # R is PID 1: the whole namespace goes
+            result = _watch(req, sb)
+        except Exception as e:
+            result = {"output": "", "ok": False, "error": f"sandbox error: {_one_line(e)}"}
+        result["id"] = req.get("id")
+        _write_all(res_fd, (json.dumps(result) + "\n").encode())
+    except BaseException:
+        traceback.print_exc()                         # a bug in G: say where, on Z's stderr
+    finally:
+        _cleanup(sb)
+        os._exit(0)
+
+
+def _cleanup(sb):
+    if sb.r:
+        try:
+            os.kill(sb.r, signal.SIGKILL)             # namespaced: R is PID 1, the rest goes too
         except ProcessLookupError:
             pass
-    w = next((m["w"] for m in msgs if "w" in m), None)
-    if not isolated and w:
-        try:
-            os.killpg(w, signal.SIGKILL)              # fallback: W's group (W called setsid)
-        except (ProcessLookupError, PermissionError):
-            pass
-    while out_r in sel.get_map() and (data := _read_ready(out_r)):    # what is left in the pipe
-        out.add(data)
-    sel.close()
-    os.close(status_r)
-    os.close(out_r)
-    os.waitpid(g, 0)                                  # G reaps R, then exits
-    try:                                              # the zygote is a child subreaper: orphans
-        while os.waitpid(-1, os.WNOHANG)[0] > 0:      # of the fallback mode end up here
-            pass
-    except ChildProcessError:
+    _kill_descendants()                               # fallback: every orphan came back to G
+    if sb.cgroup:
+        sb.cgroup.remove()
+    shutil.rmtree(sb.scratch, ignore_errors=True)
+
+
+def _watch(req, sb):
+    """Hand the request to R, then collect output and reports until R says W has ended or the
+    deadline passes. Only R's report and G's clock decide; see the module docstring."""
+    n, timeout = len(req["cells"]), req["timeout"]
+    if sb.cgroup:
+        sb.cgroup.limit(req["memory_mb"], req["max_procs"] + 1)     # + R
+    try:
+        _write_all(sb.req_w, json.dumps({k: req[k] for k in DEFAULTS if k != "max_output"}
+                                        | {"cells": req["cells"]}).encode() + b"\n")
+    except BrokenPipeError:                           # R is gone (setup failed): its status says so
         pass
-    if scratch:
-        shutil.rmtree(scratch, ignore_errors=True)
-    done = next((m for m in msgs if m.get("done")), None)
-    exit_note = next((m["exit"] for m in msgs if "exit" in m), None)
-    if timed_out is not None:
-        return {"output": out.text(), "ok": False, "error": f"Timeout after {req['timeout']:g} s",
-                "timed_out_cell": timed_out}
-    if done is None:
-        return {"output": out.text(), "ok": False, "error": exit_note or "Killed by signal 9"}
-    error = done["error"] if done["error"] else exit_note
-    return {"output": out.text(), "ok": done["ok"] and error is None, "error": error}
+    os.close(sb.req_w)
+    start = time.monotonic()
+    hard = start + SETUP_SLACK + n * timeout
+    deadline = start + SETUP_SLACK + timeout
+    out, report, status, status_buf = _Capture(req["max_output"]), _Report(n), None, b""
+    sel = selectors.DefaultSelector()
+    for fd, what in ((sb.out_r, "out"), (sb.report_r, "report"), (sb.status_r, "status")):
+        sel.register(fd, selectors.EVENT_READ, what)
+    timed_out = False
+    while status is None:
+        wait = min(deadline, hard) - time.monotonic()
+        if wait <= 0:
+            timed_out = True
+            break
+        for key, _ in sel.select(wait):
+            data = os.read(key.fd, 1 << 16)
+            if key.data == "out":
+                out.add(data)
+            elif key.data == "report":
+                if report.add(data):
+                    deadline = time.monotonic() + timeout
+            else:
+                status_buf += data
+                if not data or status_buf.endswith(b"\n"):
+                    status = json.loads(status_buf)["exit"] if data else "lost"
+            if not data:
+                sel.unregister(key.fd)
+    if status is not None:                            # what W wrote before it ended is in the pipes
+        for fd, sink in ((sb.out_r, out.add), (sb.report_r, report.add)):
+            for _ in range(64):                       # bounded: a daemon may keep writing
+                data = _read_ready(fd)
+                if not data:
+                    break
+                sink(data)
+    sel.close()
+    return _verdict(req, out, report, status, timed_out, sb)
 
 
-def _isolation_available():
-    """Probe once, through the real path: does a namespaced sandbox run `pass`?"""
-    return os.geteuid() == 0 and _serve_one(dict(DEFAULTS, cells=["pass"]), _Prepared(True, 1))["ok"]
+def _verdict(req, out, report, status, timed_out, sb):
+    res = {"output": out.text(), "ok": False, "error": None}
+    if timed_out:
+        res["error"], res["timed_out_cell"] = f"Timeout after {req['timeout']:g} s", max(report.cell, 0)
+    elif report.setup is not None:
+        res["error"] = f"sandbox setup failed: {report.setup}"
+    elif status == "lost":
+        res["error"] = "Killed: the sandbox's init process died"
+    elif os.WIFSIGNALED(status):
+        res["error"] = f"Killed by signal {os.WTERMSIG(status)}"
+        if sb.cgroup and sb.cgroup.oom_kills():
+            res["error"] += f" (out of memory: memory_mb={req['memory_mb']} for the whole sandbox)"
+    elif os.WEXITSTATUS(status) != 0:
+        res["error"] = f"Exited with code {os.WEXITSTATUS(status)}"
+    elif report.tampered:
+        res["error"] = "The cell wrote to the sandbox's report channel"
+    else:
+        res["error"], res["ok"] = report.error, report.error is None
+    return res
 
 
-def serve(namespaces=True):
-    """Zygote main loop: one JSON request per line on stdin, one JSON result per line out."""
+def _read_ready(fd):
+    """Bytes already in the pipe, without blocking (b"" when none or at EOF)."""
+    os.set_blocking(fd, False)
+    try:
+        return os.read(fd, 1 << 16)
+    except BlockingIOError:
+        return b""
+
+
+# ---------------------------------------------------------------------------------------
+# Z: the zygote. Forks supervisors; never reads a request.
+# ---------------------------------------------------------------------------------------
+def _fork_supervisor(isolated, bases, req_fd=0, res_fd=1, tag=None):
+    taken_r, taken_w = os.pipe()
+    zygote_pid = os.getpid()
+    g = os.fork()
+    if g == 0:
+        try:
+            os.close(taken_r)
+            _supervisor(isolated, bases, zygote_pid, taken_w, req_fd, res_fd, tag)
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            os._exit(71)
+    os.close(taken_w)
+    return g, taken_r
+
+
+def _probe_isolation(bases):
+    """Does a namespaced sandbox run `pass`? Through the real path, with its own pipes."""
+    req_r, req_w = os.pipe()
+    res_r, res_w = os.pipe()
+    g, taken_r = _fork_supervisor(True, bases, req_r, res_w)
+    os.close(req_r)
+    os.close(res_w)
+    os.write(req_w, (json.dumps(dict(DEFAULTS, cells=["pass"], id="probe")) + "\n").encode())
+    line = _read_line(res_r)
+    for fd in (req_w, res_r, taken_r):
+        os.close(fd)
+    os.waitpid(g, 0)
+    return bool(line) and json.loads(line)["ok"]
+
+
+def serve(namespaces=True, root_fallback=False):
+    """Zygote main loop: each request line on stdin is read, and answered on stdout, by a
+    supervisor forked before it came."""
     for name in WARM_IMPORTS:
         try:
             __import__(name)
@@ -443,27 +914,71 @@ def serve(namespaces=True):
         exec(WARM_UP, {})
     except Exception:                                 # numpy or sympy missing: cells import them
         pass
+    _ignore_signals()
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     _libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+    _libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)          # and so every process forked from here
     gc.collect()
     gc.freeze()             # forked children then copy far fewer pages (no gc writes to them)
-    isolated = namespaces and _isolation_available()
-    out = sys.stdout
-    out.write(json.dumps({"ready": True, "isolated": isolated}) + "\n")
-    out.flush()
-    ready = _Prepared(isolated, DEFAULTS["tmpfs_mb"])
-    for line in sys.stdin:
-        req = json.loads(line)
-        if ready.tmpfs_mb != req["tmpfs_mb"]:
-            ready.discard()
-            ready = _Prepared(isolated, req["tmpfs_mb"])
+    sweep_cgroups()                                   # left by zygotes that were killed
+    bases = _cgroup_bases()
+    if bases:
+        for b in bases["dirs"]:
+            os.mkdir(f"{b}/autocode-{os.getpid()}")
+            if bases["version"] == 2:
+                _write(f"{b}/autocode-{os.getpid()}/cgroup.subtree_control", "+memory +pids")
+    isolated = namespaces and os.geteuid() == 0 and _probe_isolation(bases)
+    hello = {"ready": True, "isolated": isolated, "cgroup": bases and bases["version"]}
+    if not isolated and os.geteuid() == 0 and not root_fallback:
+        hello = {"refused": "sandbox: running as root without namespaces "
+                            f"({'turned off' if not namespaces else 'not available here'}); cells would run "
+                            "as root with no isolation. Set AUTOCODE_SANDBOX_ROOT_FALLBACK=1 to accept "
+                            "(see FALLBACK_GAPS in sandbox.py)"}
+    os.write(1, (json.dumps(hello) + "\n").encode())
+    live = set()
+    wake_r, wake_w = os.pipe()                        # SIGCHLD wakes Z to reap a finished G
+    os.set_blocking(wake_w, False)
+    signal.signal(signal.SIGCHLD, lambda *_: None)
+    signal.set_wakeup_fd(wake_w)
+    try:
+        while "refused" not in hello:
+            g, taken_r = _fork_supervisor(isolated, bases, tag=os.environ.get(TAG))
+            live.add(g)
+            while True:
+                ready, _, _ = select.select([taken_r, wake_r], [], [], 0.2)
+                _reap(live, block=False)
+                if taken_r in ready:
+                    break
+                if wake_r in ready:
+                    os.read(wake_r, 4096)
+            taken = os.read(taken_r, 1)               # G has its request, or stdin closed
+            os.close(taken_r)
+            if taken == b"E":
+                break
+            if taken != b"T":                         # G died before taking a request
+                print("sandbox: a supervisor failed to start", file=sys.stderr)
+                time.sleep(0.1)
+    finally:
+        _reap(live, block=True)
+        _kill_descendants()
+        sweep_cgroups(os.getpid())
+
+
+def _reap(live, block):
+    """Wait for finished supervisors; kill anything else that was orphaned to the zygote."""
+    for g in list(live):
         try:
-            res = _serve_one(req, ready)
-        except Exception as e:                        # never die on one bad request
-            res = {"output": "", "ok": False, "error": f"sandbox error: {e}"}
-        out.write(json.dumps(res) + "\n")
-        out.flush()
-        ready = _Prepared(isolated, req["tmpfs_mb"])  # the next one is built while we wait
-    ready.discard()                                   # stdin closed: leave nothing behind
+            if os.waitpid(g, 0 if block else os.WNOHANG)[0]:
+                live.discard(g)
+        except ChildProcessError:
+            live.discard(g)
+    for k in _children(os.getpid()):
+        if k not in live:
+            try:
+                os.kill(k, signal.SIGKILL)
+                os.waitpid(k, 0)
+            except (ProcessLookupError, ChildProcessError):
+                pass
 
 
 # ---------------------------------------------------------------------------------------
@@ -471,33 +986,87 @@ def serve(namespaces=True):
 # ---------------------------------------------------------------------------------------
 class _Zygote:
     def __init__(self):
-        flag = [] if os.environ.get("AUTOCODE_SANDBOX_NAMESPACES", "1") != "0" else ["--no-namespaces"]
-        self.proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--serve", *flag],
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=SAFE_ENV,
-                                     start_new_session=True, close_fds=True, text=True)
-        hello = json.loads(self.proc.stdout.readline() or '{"isolated": null}')
-        self.isolated = hello["isolated"]
+        flags = []
+        if os.environ.get("AUTOCODE_SANDBOX_NAMESPACES", "1") == "0":
+            flags.append("--no-namespaces")
+        if os.environ.get("AUTOCODE_SANDBOX_ROOT_FALLBACK", "0") == "1":
+            flags.append("--root-fallback")
+        self.proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--serve", *flags],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     env=dict(SAFE_ENV, **{TAG: str(os.getpid())}),
+                                     start_new_session=True, close_fds=True)
+        self.buf = b""
+        line = self._read_line(time.monotonic() + 120)
+        hello = json.loads(line) if line else {"refused": "sandbox: the zygote did not start"}
+        if "refused" in hello:
+            self.close()
+            raise SandboxRefused(hello["refused"])
+        self.isolated, self.cgroup = hello["isolated"], hello["cgroup"]
+
+    def _read_line(self, deadline):
+        """One line from the zygote by `deadline`, else None; b"" if it died."""
+        fd = self.proc.stdout.fileno()
+        while b"\n" not in self.buf:
+            wait = deadline - time.monotonic()
+            if wait <= 0:
+                return None
+            ready, _, _ = select.select([fd], [], [], wait)
+            if ready:
+                data = os.read(fd, 1 << 16)
+                if not data:
+                    return b""
+                self.buf += data
+        line, self.buf = self.buf.split(b"\n", 1)
+        return line
 
     def ask(self, req):
+        """The zygote's answer, or an error result: the caller's own deadline holds whatever
+        happens inside, and only a line carrying this request's random id is an answer."""
+        req = dict(req, id=secrets.token_hex(16))
+        deadline = time.monotonic() + len(req["cells"]) * req["timeout"] + CLIENT_GRACE
         try:
-            self.proc.stdin.write(json.dumps(req) + "\n")
+            self.proc.stdin.write((json.dumps(req) + "\n").encode())
             self.proc.stdin.flush()
-            line = self.proc.stdout.readline()
         except (BrokenPipeError, OSError):
-            line = ""
-        if not line:                                  # the zygote died: replace it, report
-            self.close()
-            self.__init__()
-            return {"output": "", "ok": False, "error": "sandbox crashed"}
-        return json.loads(line)
+            return self._replace("sandbox crashed")
+        while True:
+            line = self._read_line(deadline)
+            if line is None:
+                return self._replace(f"Timeout after {req['timeout']:g} s (the sandbox did not answer; restarted)")
+            if not line:
+                return self._replace("sandbox crashed")
+            try:
+                res = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(res, dict) and res.get("id") == req["id"]:
+                return res
+
+    def _replace(self, error):
+        self.kill()
+        self.__init__()
+        return {"output": "", "ok": False, "error": error}
+
+    def kill(self):
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)  # Z, its supervisors and their R
+        except ProcessLookupError:
+            pass
+        self.proc.wait()
+        sweep_cgroups(self.proc.pid)                   # W's and the cells' processes
+        for f in (self.proc.stdin, self.proc.stdout):
+            try:
+                f.close()
+            except OSError:
+                pass
 
     def close(self):
         try:
             self.proc.stdin.close()                   # the zygote cleans up and exits
-            self.proc.wait(timeout=2)
+            self.proc.wait(timeout=5)
+            self.proc.stdout.close()
         except (OSError, subprocess.TimeoutExpired):
-            self.proc.kill()
-            self.proc.wait()
+            self.kill()
 
 
 _idle: queue.Queue = queue.Queue()
@@ -533,22 +1102,36 @@ def isolated():
     return z.isolated
 
 
+def _validate(cells, timeout, limits):
+    if isinstance(cells, str):
+        cells = [cells]
+    if not isinstance(cells, (list, tuple)) or not all(isinstance(c, str) for c in cells):
+        raise TypeError(f"sandbox: cells must be a string or a list of strings, got {type(cells).__name__}")
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not math.isfinite(timeout) \
+            or not 0 < timeout <= MAX_TIMEOUT:
+        raise ValueError(f"sandbox: timeout must be a finite number of seconds in (0, {MAX_TIMEOUT:g}], "
+                         f"got {timeout!r}")
+    for name, value in limits.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"sandbox: {name} must be a positive integer, got {value!r}")
+    return list(cells), float(timeout)
+
+
 def run_cells(cells, timeout=DEFAULTS["timeout"], memory_mb=DEFAULTS["memory_mb"],
               max_output=DEFAULTS["max_output"], file_mb=DEFAULTS["file_mb"],
               max_files=DEFAULTS["max_files"], max_procs=DEFAULTS["max_procs"],
               tmpfs_mb=DEFAULTS["tmpfs_mb"]):
     """Run one solution's code blocks in order; see the module docstring."""
-    if isinstance(cells, str):
-        cells = [cells]
+    limits = dict(memory_mb=memory_mb, max_output=max_output, file_mb=file_mb, max_files=max_files,
+                  max_procs=max_procs, tmpfs_mb=tmpfs_mb)
+    cells, timeout = _validate(cells, timeout, limits)
     if not cells:
         return Result("", True, None)
     note = ""
     while True:
-        req = dict(cells=list(cells), timeout=float(timeout), memory_mb=memory_mb, max_output=max_output,
-                   file_mb=file_mb, max_files=max_files, max_procs=max_procs, tmpfs_mb=tmpfs_mb)
         z = _acquire()
         try:
-            res = z.ask(req)
+            res = z.ask(dict(limits, cells=cells, timeout=timeout))
         finally:
             _idle.put(z)
         i = res.get("timed_out_cell")
@@ -565,23 +1148,107 @@ def run_batch(batch, workers=None, **limits):
         return list(pool.map(lambda cells: run_cells(cells, **limits), batch))
 
 
+SELFTEST_PROBE = r"""
+import json, os, resource, socket
+status = dict(line.split(":", 1) for line in open("/proc/self/status").read().splitlines())
+writable = 0
+for root, _, files in os.walk("/proc/sys"):
+    for name in files:
+        try:
+            os.close(os.open(os.path.join(root, name), os.O_WRONLY))
+            writable += 1
+        except OSError:
+            pass
+print(json.dumps({"uid": os.getuid(), "gid": os.getgid(), "cap_eff": status["CapEff"].strip(),
+                  "cap_bnd": status["CapBnd"].strip(), "nnp": status["NoNewPrivs"].strip(),
+                  "ns": {n: os.readlink("/proc/self/ns/" + n) for n in NAMESPACES},
+                  "hostname": socket.gethostname(), "proc_sys_writable": writable, "cwd": os.getcwd(),
+                  "mounts": [line.split()[:6] for line in open("/proc/self/mountinfo")],
+                  "dev": sorted(os.listdir("/dev")), "nproc": resource.getrlimit(resource.RLIMIT_NPROC)[0]}))
+"""
+NAMESPACES = ("pid", "mnt", "net", "ipc", "uts", "user", "cgroup")
+
+
+def _mounts_locked(facts):
+    """Every mount read-only, nodev, nosuid; the scratch and /dev/shm writable but nodev, nosuid;
+    the harmless devices read-only, nosuid."""
+    point = {m[0]: m[4] for m in facts["mounts"]}
+    parent = {m[0]: m[1] for m in facts["mounts"]}
+    covered = {m[1] for m in facts["mounts"] if point.get(m[1]) == m[4]}     # overmounted: hidden
+
+    def visible(mid):
+        return mid not in covered and (parent[mid] not in point or visible(parent[mid]))
+    bad = []
+    for mid, _, _, _, point, opts in facts["mounts"]:
+        if not visible(mid):
+            continue
+        opts = set(opts.split(","))
+        need = {"nodev", "nosuid"} if point in (facts["cwd"], "/dev/shm") else \
+            {"ro", "nosuid"} if point in [f"/dev/{d}" for d in HARMLESS_DEVICES] else {"ro", "nodev", "nosuid"}
+        if not need <= opts:
+            bad.append(point)
+    return bad
+
+
+def selftest():
+    """Run a probe in a real sandbox and print, measured from inside, which protections hold."""
+    try:
+        z = _acquire()
+        _idle.put(z)
+        res = run_cells([SELFTEST_PROBE.replace("NAMESPACES", repr(NAMESPACES))], timeout=60)
+        facts = json.loads(res.output)
+    except SandboxRefused as e:
+        print(f"refused: {e}")
+        z, facts = None, None
+    if facts:
+        host_ns = {n: os.readlink("/proc/self/ns/" + n) for n in NAMESPACES}
+        bad = _mounts_locked(facts)
+        rows = [(f"{n} namespace", facts["ns"][n] != host_ns[n], "") for n in NAMESPACES]
+        rows += [
+            ("unprivileged uid/gid", facts["uid"] != 0 and facts["gid"] != 0, f"uid {facts['uid']} gid {facts['gid']}"),
+            ("no capabilities (effective and bounding)", int(facts["cap_eff"], 16) == 0 == int(facts["cap_bnd"], 16), ""),
+            ("no_new_privs", facts["nnp"] == "1", ""),
+            ("every mount read-only, nodev, nosuid", not bad, "still open: " + ", ".join(bad) if bad else ""),
+            ("/proc/sys read-only", facts["proc_sys_writable"] == 0, f"{facts['proc_sys_writable']} files writable"),
+            ("minimal /dev", set(facts["dev"]) <= set(HARMLESS_DEVICES) | {"fd", "stdin", "stdout", "stderr", "shm"},
+             " ".join(facts["dev"]) if len(facts["dev"]) < 15 else f"{len(facts['dev'])} entries"),
+            ("own hostname", facts["hostname"] != platform.node(), facts["hostname"]),
+            ("whole-sandbox memory and process bound (cgroup)", bool(z.cgroup), f"cgroup v{z.cgroup}" if z.cgroup else
+             "none: RLIMIT_AS per process, RLIMIT_NPROC"),
+            ("verdict from R's waitpid and G's clock, not from the cell", True, "structural"),
+            ("caller's own deadline (cells x timeout + %g s)" % CLIENT_GRACE, True, "structural"),
+            ("no request data in the zygote when a worker forks", True, "structural"),
+        ]
+        print(f"mode: {'namespaces' if z.isolated else 'FALLBACK (no namespaces)'}, running as "
+              f"{'root' if os.geteuid() == 0 else 'uid %d' % os.geteuid()}")
+        for name, on, note in rows:
+            print(f"  {'on ' if on else 'OFF'}  {name}" + (f"  ({note})" if note else ""))
+    print("the fallback (" + ("IN USE here" if facts and not z.isolated else "not in use here") +
+          ") does NOT protect against:")
+    for gap in FALLBACK_GAPS:
+        print("  - " + gap)
+
+
 def main():
     ap = argparse.ArgumentParser(description="Run Python in the sandbox (a quick manual try).")
     ap.add_argument("-c", "--code", action="append", help="a cell; repeat for several cells")
     ap.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--no-namespaces", dest="namespaces", action="store_false", help=argparse.SUPPRESS)
-    ap.add_argument("--selftest", action="store_true", help="report which protections are on")
+    ap.add_argument("--root-fallback", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--selftest", action="store_true", help="measure, from inside a sandbox, each protection")
     for k, v in DEFAULTS.items():
         ap.add_argument("--" + k.replace("_", "-"), type=type(v), default=v)
     args = ap.parse_args()
     if args.serve:
-        return serve(args.namespaces)
+        return serve(args.namespaces, args.root_fallback)
     if args.selftest:
-        print(json.dumps({"isolated_namespaces": isolated(), "root": os.geteuid() == 0}))
-        return
+        return selftest()
     limits = {k: getattr(args, k) for k in DEFAULTS}
     t = time.perf_counter()
-    res = run_cells(args.code or ["print(1+1)"], **limits)
+    try:
+        res = run_cells(args.code or ["print(1+1)"], **limits)
+    except (ValueError, SandboxRefused) as e:
+        sys.exit(str(e))
     print(res.output, end="" if res.output.endswith("\n") else "\n")
     print(f"[ok={res.ok} error={res.error} {1000 * (time.perf_counter() - t):.1f} ms]", file=sys.stderr)
 
