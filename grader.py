@@ -12,6 +12,11 @@ Contract:
       numeric=False (MATH): math-verify under a thin normalisation layer for its known misses
       (thin spaces and {,} thousands separators, Unicode minus, \\fbox, text answers compared
       as words rather than as products of symbols).
+      When both sides parse to plain numbers (no free symbol) the verdict is not math-verify's,
+      whose fixed rounding calls 1/2^60 and 1/2^61 equal: if both are exact (integers,
+      rationals, powers, factorials, surds, pi) sympy decides exactly; if either is written as
+      a decimal (an inexact value) they must agree to a relative REL_TOL. Never an absolute
+      tolerance, so tiny and huge magnitudes are compared as carefully as 1 and 2.
   Every comparison runs in a worker process under a hard time limit (math-verify's own
   signal-based timeout can hang and fails outside the main thread); on timeout the worker
   is killed and restarted, the verdict is False and `TIMEOUTS` counts it.
@@ -26,6 +31,8 @@ import threading
 from decimal import Decimal, InvalidOperation
 
 TIME_LIMIT = 5.0
+REL_TOL = 1e-9          # decimals must agree to ~9 significant digits (3.14159 is not pi)
+DECIMAL = re.compile(r"\d\.\d|(^|[^\d])\.\d")
 TIMEOUTS = 0
 OUTPUT_BLOCK = re.compile(r"```output\n.*?(```|$)", re.S)
 
@@ -96,7 +103,28 @@ def _verify(pred, ref):
         return p.lower() == r.lower()
     gold = parse("$" + r + "$", parsing_timeout=None)
     target = parse("$" + p + "$", parsing_timeout=None)
+    if gold and target:
+        same = _compare_numbers(target[0], gold[0], inexact=bool(DECIMAL.search(p) or DECIMAL.search(r)))
+        if same is not None:
+            return same
     return bool(gold and target and verify(gold, target, timeout_seconds=None))
+
+
+def _compare_numbers(a, b, inexact):
+    """Exactly, or within REL_TOL when a side is a decimal; None if either is not a number."""
+    import sympy
+    if not (isinstance(a, sympy.Basic) and isinstance(b, sympy.Basic) and a.is_number and b.is_number):
+        return None
+    if inexact or a.has(sympy.Float) or b.has(sympy.Float):
+        x, y = sympy.N(a, 40), sympy.N(b, 40)
+        return bool(abs(x - y) <= REL_TOL * max(abs(x), abs(y)))
+    if a.is_Rational and b.is_Rational:
+        return a == b
+    zero = sympy.simplify(a - b).is_zero
+    if zero is not None:
+        return bool(zero)
+    x, y = sympy.N(a, 80), sympy.N(b, 80)              # undecided: 80 digits, relative
+    return bool(abs(x - y) <= sympy.Float(10, 80) ** -60 * max(abs(x), abs(y)))
 
 
 class _Worker:

@@ -39,6 +39,18 @@ EQUIV = [  # (pred, ref, numeric, verdict)
     ("18.00", "18", True, True), ("033", "33", True, True), ("\\$18", "18", True, True), ("1,234", "1234", True, True),
     ("18.5", "18", True, False), ("27", "27.0", True, True), ("100", "1", True, False), ("x = 18", "18", True, False),
     ("\\frac{36}{2}", "18", True, True), ("17.999999", "18", True, False),
+    # tiny and huge magnitudes: exact when both sides are exact, never an absolute tolerance
+    ("\\frac{1}{2^{60}}", "\\frac{1}{2^{61}}", False, False), ("2^{-60}", "\\frac{1}{2^{60}}", False, True),
+    ("2^{-1000}", "2^{-1001}", False, False), ("10^{-20}", "2\\cdot 10^{-20}", False, False),
+    ("10^{-20}", "\\frac{1}{10^{20}}", False, True), ("10^{-30}+10^{-40}", "10^{-30}", False, False),
+    ("10^{30}", "10^{30}+1", False, False), ("10^{30}", "1000000000000000000000000000000", False, True),
+    ("1000000000000000000000000000001", "10^{30}", True, False), ("2^{-60}", "2^{-61}", True, False),
+    ("20!", "2432902008176640000", False, True), ("20!", "2432902008176640001", False, False),
+    ("\\sqrt{2}+\\sqrt{3}", "\\sqrt{5+2\\sqrt{6}}", False, True), ("\\sqrt{2}", "\\frac{99}{70}", False, False),
+    # a decimal is inexact: a relative tolerance (1e-9), still never an absolute one
+    ("0.00000000000000000001", "0.00000000000000000002", False, False),
+    ("0.00000000000000000001", "10^{-20}", False, True), ("\\sqrt{2}", "1.414", False, False),
+    ("1.5\\times10^{30}", "15\\times10^{29}", False, True), ("1.5\\times10^{30}", "1.5\\times10^{30}+10^{25}", False, False),
 ]
 
 
