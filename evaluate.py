@@ -56,24 +56,21 @@ MODES = {
                             "and put your final answer within \\boxed{}.",
              "prefix": "```python\nprint(", "code": True},
 }
-# A two-example format demonstration put before each question (--no-fewshot drops it). Small
-# models (the embedded 135M one) otherwise almost never write \boxed{} or a runnable block:
-# zero-shot, SmolLM2-135M boxed 0 of 150 answers on GSM8K and MATH500; with it, a share of
-# built-in problems get boxed and some right, which is the signal the E-step needs.
-FEWSHOT = ("Put the final answer in \\boxed{}.\n"
-           "Example problem: What is 123 \\times 45?\nExample solution:\n```python\nprint(123 * 45)\n```\n"
-           "```output\n5535\n```\nThe final answer is \\boxed{5535}.\n\n"
-           "Example problem: What is 3 + 4?\nExample solution: By hand: 3 + 4 = 7. The final answer is \\boxed{7}.\n\n"
-           "Problem: ")
+# A two-example demonstration, given as two earlier chat turns (--no-fewshot drops it): one
+# solved by a one-line program, one in words, each opening with its decision's prefix. Small
+# models (the embedded 135M one) otherwise almost never write \\boxed{} or a runnable block:
+# zero-shot, SmolLM2-135M boxed 0 of 150 answers on GSM8K and MATH500. As earlier turns, not
+# text inside the question, the model answers in the assistant's style and ends its turn
+# instead of writing the next example problem itself.
+FEWSHOT = (("What is 123 \\times 45?",
+            "```python\nprint(123 * 45)\n```\n```output\n5535\n```\nThe final answer is \\boxed{5535}."),
+           ("What is 3 + 4?", "By hand: 3 + 4 = 7. The final answer is \\boxed{7}."))
 
 
-# With the demonstration, a small model that has answered goes on to write the next "Example
-# problem" itself (and boxes its answer): its own separators end a solution.
-STOP = ("\nExample problem", "\nProblem:")
-
-
-def question_text(question, fewshot=True):
-    return (FEWSHOT if fewshot else "") + question
+def chat(tok, question, instruction, fewshot=True):
+    """The prompt of one question: the demonstration turns (if fewshot), then the question."""
+    import model as M
+    return M.chat_prompt(tok, question, instruction, shots=FEWSHOT if fewshot else ())
 
 
 # ---------------------------------------------------------------------------------------
@@ -165,7 +162,7 @@ def grade(problem, text):
 def prompt_for(tok, problem, mode, fewshot=True):
     import model as M
     spec = MODES[mode]
-    return (M.chat_prompt(tok, question_text(problem["question"], fewshot), spec["instruction"]),
+    return (chat(tok, problem["question"], spec["instruction"], fewshot),
             tok(spec["prefix"], add_special_tokens=False).input_ids if spec["prefix"] else [])
 
 
@@ -267,8 +264,7 @@ def run(model, tok, problems, modes, out_dir, n=1, temperature=0.0, max_new_toke
                 t = time.time()
                 outs = M.sample(model, tok, list(prompts), list(prefixes), max_new_tokens=max_new_tokens,
                                 greedy=temperature == 0, temperature=max(temperature, 1e-5),
-                                seed=seed + start, code=MODES[mode]["code"], progress=bar.hook,
-                                stop=STOP if fewshot else ())
+                                seed=seed + start, code=MODES[mode]["code"], progress=bar.hook)
                 bar.batch_done(outs)
                 timing[mode][0] += time.time() - t
                 timing[mode][1] += sum(o.n_sampled for o in outs)

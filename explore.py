@@ -93,7 +93,7 @@ def explore(model, tok, problems, k=4, native_k=2, estep="softmax", alpha=5.0, p
     prefixes_text = prefixes_text or {c: E.MODES[c]["prefix"] for c in DECISIONS}
     prefixes = {c: tok(prefixes_text[c], add_special_tokens=False).input_ids for c in DECISIONS}
     instruction = E.MODES["autonomous"]["instruction"]
-    prompts = [M.chat_prompt(tok, E.question_text(p["question"], fewshot), instruction) for p in problems]
+    prompts = [E.chat(tok, p["question"], instruction, fewshot) for p in problems]
     keep = keep or k
     rng = random.Random(seed)
     jobs = [(c, qi) for c in DECISIONS for qi in range(len(problems)) for _ in range(k)]
@@ -106,8 +106,7 @@ def explore(model, tok, problems, k=4, native_k=2, estep="softmax", alpha=5.0, p
             part = [qi for d, qi in chunk if d == c]
             outs = M.sample(model, tok, [prompts[qi] for qi in part],
                             [prefixes[c] if c in prefixes else [] for _ in part], max_new_tokens=max_new_tokens,
-                            temperature=temperature, seed=seed * 100003 + start, code=(c != "cot"),
-                            progress=bar.hook)
+                            temperature=temperature, seed=seed * 100003 + start, code=(c != "cot"), progress=bar.hook)
             bar.batch_done(outs)
             for qi, o in zip(part, outs):
                 rollouts.setdefault((c, qi), []).append(o)

@@ -243,14 +243,18 @@ def left_pad(prompts, pad):
     return ids, mask
 
 
-def chat_prompt(tok, question, instruction=""):
-    """Token ids for one user turn plus the assistant header (plain text if no template)."""
-    content = question if not instruction else f"{question}\n{instruction}"
+def chat_prompt(tok, question, instruction="", shots=()):
+    """Token ids for one user turn plus the assistant header (plain text if no template).
+    shots: earlier (question, answer) exchanges put before it as whole turns, a few-shot
+    demonstration in the model's own chat format."""
+    ask = lambda q: q if not instruction else f"{q}\n{instruction}"   # noqa: E731
+    turns = [m for q, a in shots for m in ({"role": "user", "content": ask(q)}, {"role": "assistant", "content": a})]
+    turns.append({"role": "user", "content": ask(question)})
     if tok.chat_template:
-        text = tok.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
-                                       add_generation_prompt=True)
+        text = tok.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
     else:
-        text = f"Question: {content}\nAnswer: "
+        text = "".join(f"Question: {t['content']}\nAnswer: " if t["role"] == "user" else f"{t['content']}\n\n"
+                       for t in turns)
     return tok(text, add_special_tokens=False).input_ids
 
 

@@ -96,12 +96,13 @@ def weights(path):
 
 def test_two_iterations_end_to_end(tmp_path):
     out = str(tmp_path / "run")
-    T.main(FAST + ["--iterations", "2", "--out", out])
+    T.main(FAST + ["--iterations", "2", "--out", out, "--eval-modes", "autonomous", "cot"])
     rows = [json.loads(x) for x in open(os.path.join(out, "metrics.jsonl"))]
-    assert [r["iteration"] for r in rows] == [1, 2]
+    assert [r["iteration"] for r in rows] == [0, 1, 2]            # 0: the untrained model, evaluated only
+    assert "eval_acc_cot" in rows[0] and "reward_mean" not in rows[0]
     for key in ("reward_mean", "q_hat_cot", "s_star_code", "loss_ratio", "loss_decision", "ratio_max", "clip_frac",
-                "grad_norm", "sample_tokens_per_s", "eval_acc_cot", "seconds"):
-        assert key in rows[0], key
+                "grad_norm", "sample_tokens_per_s", "eval_acc_cot", "eval_code_rate_compute", "seconds"):
+        assert key in rows[1], key
     recs = [json.loads(x) for x in open(os.path.join(out, "explore-iter1.jsonl"))]
     assert len(recs) == 2 * 2 * 2 and sum(r["kept"] for r in recs) == 4
     from transformers import AutoModelForCausalLM
@@ -291,3 +292,28 @@ def test_m_step_keeps_every_tensor_on_the_model_device(tok, monkeypatch):
     loss = T.micro_loss(meta_model, micro[0], decide[0], ctx, args, stats)
     assert loss.is_meta
     loss.backward()
+
+
+def test_bf16_keeps_fp32_master_weights_that_a_tiny_lr_still_moves(tmp_path, tok):
+    """--dtype bf16: the checkpoint (master weights) stays fp32 and one step at lr 1e-6 moves
+    nearly every weight that got a gradient; a pure-bf16 weight of 0.02 could not move by 1e-6."""
+    from safetensors.torch import load_file
+    out = str(tmp_path / "bf16")
+    T.main(FAST + ["--iterations", "1", "--eval-every", "0", "--dtype", "bf16", "--lr", "1e-6", "--grad-accum", "99",
+                   "--decision-queries", "all", "--out", out])
+    after = load_file(os.path.join(out, "checkpoint", "model.safetensors"))
+    before = M.tiny_model(tok).state_dict()
+    name = "model.layers.0.self_attn.q_proj.weight"
+    assert after[name].dtype == torch.float32
+    moved = (after[name] != before[name]).float().mean().item()
+    assert moved > 0.9
+    w = torch.full((1000,), 0.02, dtype=torch.bfloat16)
+    assert torch.equal(w - 1e-6, w)                         # why the master weights must be fp32
+
+
+def test_sampler_gets_a_bf16_copy_and_the_master_stays_fp32(tiny):
+    args = T.parse_args(["--model", "tiny", "--dtype", "bf16"])
+    view = T.sampler_of(tiny, args)
+    assert view is not tiny and next(view.parameters()).dtype == torch.bfloat16
+    assert next(tiny.parameters()).dtype == torch.float32
+    assert T.sampler_of(tiny, T.parse_args(["--model", "tiny"])) is tiny
