@@ -193,6 +193,23 @@ def tiny_model(tokenizer, seed=0, layers=2, hidden=64, dtype=torch.float32):
     return LlamaForCausalLM(config).to(dtype)
 
 
+def random_model(config, dtype=torch.float32, device="cpu", seed=0):
+    """`random:<config>`: random weights in the shape of a configuration (a directory holding
+    config.json, or the json file), created directly on `device`. The tokenizer is the
+    directory's own when it holds one, else the embedded one. For checking that code paths run,
+    and their speed and memory, on a machine without the real weights: it says nothing about accuracy."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    if not os.path.exists(config):
+        _missing(f"no configuration '{config}'", "random:<path> needs a directory holding config.json, or a config json file.")
+    folder = config if os.path.isdir(config) else os.path.dirname(config)
+    has_tok = os.path.exists(os.path.join(folder, "tokenizer_config.json"))
+    tok = AutoTokenizer.from_pretrained(folder) if has_tok else _load_embedded(tokenizer_only=True)
+    torch.manual_seed(seed)                   # every rank builds the same weights
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(config), dtype=dtype)
+    return model, tok
+
+
 def load_model(name=DEFAULT_MODEL, dtype="fp32", device="cpu"):
     """Return (model, tokenizer) in eval mode on `device`. See resolve_name for the names."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -202,6 +219,8 @@ def load_model(name=DEFAULT_MODEL, dtype="fp32", device="cpu"):
     elif name == "tiny":
         tok = _load_embedded(tokenizer_only=True)
         model = tiny_model(tok, dtype=torch_dtype)
+    elif name.startswith("random:"):
+        model, tok = random_model(name[len("random:"):], torch_dtype, device)
     else:
         path = resolve_name(name)
         if name.startswith(("/", "./", "../", "~")) and not os.path.isdir(path):
