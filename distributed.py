@@ -26,26 +26,47 @@ import torch.distributed as dist
 ENABLED = False
 
 
+def collective_device(backend=None):
+    """The device every tensor handed to a collective must live on: NCCL moves only CUDA
+    tensors (the rank's own GPU), gloo only CPU ones here. The one place this rule lives."""
+    backend = str(backend or dist.get_backend())
+    if backend == "nccl":
+        return torch.device("cuda", torch.cuda.current_device() if torch.cuda.is_available() else 0)
+    return torch.device("cpu")
+
+
 def setup():
     """Start the process group from torchrun's environment; return (rank, world, device)."""
     global ENABLED
     if "RANK" not in os.environ:
         raise SystemExit("error: --fsdp needs a torchrun launch, e.g. torchrun --nproc_per_node 2 em_train.py --fsdp")
-    cuda = torch.cuda.is_available()
-    dist.init_process_group("nccl" if cuda else "gloo")
+    if torch.cuda.is_available():
+        gpu = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(gpu)
+        dist.init_process_group("nccl", device_id=gpu)     # bound to this rank's GPU
+    else:
+        dist.init_process_group("gloo")
     ENABLED = True
-    if cuda:
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    return dist.get_rank(), dist.get_world_size(), f"cuda:{torch.cuda.current_device()}" if cuda else "cpu"
+    device = collective_device()
+    return dist.get_rank(), dist.get_world_size(), str(device)
 
 
-def shard(model):
+def shard(model, compute_dtype=torch.float32, cpu_offload=False):
+    """FSDP2 over every decoder layer, then the whole model, with mixed precision the standard
+    way: the sharded parameters (what AdamW updates, and its state) stay fp32 -- the model is
+    cast to fp32 here whatever it was loaded in -- the all-gathered copies that the forward and
+    backward use are `compute_dtype`, and gradients are reduce-scattered in fp32.
+    cpu_offload keeps the shards, their gradients and the optimizer state in CPU memory (the
+    optimizer step runs on the CPU): how 7B trains on one GPU."""
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
-    mesh = init_device_mesh("cuda" if torch.cuda.is_available() else "cpu", (dist.get_world_size(),))
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+    model.float()
+    mesh = init_device_mesh(collective_device().type, (dist.get_world_size(),))
+    mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
+    offload = CPUOffloadPolicy(pin_memory=torch.cuda.is_available()) if cpu_offload else OffloadPolicy()
     for layer in model.model.layers:
-        fully_shard(layer, mesh=mesh)
-    fully_shard(model, mesh=mesh)
+        fully_shard(layer, mesh=mesh, mp_policy=mp, offload_policy=offload)
+    fully_shard(model, mesh=mesh, mp_policy=mp, offload_policy=offload)
     return model
 
 
@@ -80,9 +101,9 @@ def all_max(n):
     """The largest of an integer across ranks."""
     if not ENABLED:
         return n
-    t = torch.tensor([n], dtype=torch.long)
+    t = torch.tensor([n], dtype=torch.long, device=collective_device())
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return int(t)
+    return int(t.item())
 
 
 def gather(items):
@@ -100,11 +121,14 @@ def barrier():
 
 
 def full_state(model, opt):
-    """(model state dict, optimizer state dict), unsharded and on the CPU, on rank 0 only."""
+    """(model state dict, optimizer state dict), unsharded and on the CPU, on rank 0 only; the
+    weights in fp32 (the master copy), which is what an exact resume needs."""
     from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                          get_optimizer_state_dict)
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    return get_model_state_dict(model, options=options), get_optimizer_state_dict(model, opt, options=options)
+    weights = get_model_state_dict(model, options=options)
+    weights = {k: v.float() if v.is_floating_point() else v for k, v in weights.items()}
+    return weights, get_optimizer_state_dict(model, opt, options=options)
 
 
 def load_optimizer(model, opt, state):
@@ -115,3 +139,116 @@ def load_optimizer(model, opt, state):
 def scalar(x):
     """A plain float from a tensor that may be a DTensor (grad norms under FSDP)."""
     return float(x.full_tensor()) if hasattr(x, "full_tensor") else float(x)
+
+
+# ---------------------------------------------------------------------------------------
+# The memory plan: what a run holds on each GPU, from the model's shape alone
+# ---------------------------------------------------------------------------------------
+GiB = 2 ** 30
+SHAPES = {   # from the public config.json of each model
+    "Qwen2.5-0.5B": dict(vocab=151936, hidden=896, layers=24, heads=14, kv_heads=2, intermediate=4864, tied=True),
+    "Qwen2.5-1.5B": dict(vocab=151936, hidden=1536, layers=28, heads=12, kv_heads=2, intermediate=8960, tied=True),
+    "Qwen2.5-7B": dict(vocab=152064, hidden=3584, layers=28, heads=28, kv_heads=4, intermediate=18944, tied=False),
+}
+
+
+def shape_of(config):
+    """The plan's shape from a config.json dict (Qwen2 has biases on q, k and v; Llama none)."""
+    return dict(vocab=config["vocab_size"], hidden=config["hidden_size"], layers=config["num_hidden_layers"],
+                heads=config["num_attention_heads"], kv_heads=config["num_key_value_heads"],
+                intermediate=config["intermediate_size"], tied=config.get("tie_word_embeddings", False),
+                qkv_bias=config.get("model_type") == "qwen2" or config.get("attention_bias", False))
+
+
+def n_params(s):
+    h, kv = s["hidden"], s["kv_heads"] * s["hidden"] // s["heads"]
+    bias = h + 2 * kv if s.get("qkv_bias", True) else 0
+    layer = 2 * h * h + 2 * h * kv + bias + 3 * h * s["intermediate"] + 2 * h
+    return s["vocab"] * h * (1 if s["tied"] else 2) + s["layers"] * layer + h
+
+
+def memory_plan(s, world=1, dtype="bf16", micro_batch=4, prompt_len=200, new_tokens=256, sample_batch=32,
+                grad_ckpt=False, fsdp=False, cpu_offload=False, decision=True):
+    """Bytes (in GiB) one GPU holds, term by term, for em_train.py with these flags.
+
+    dtype: "fp32" (everything fp32), "bf16" (fp32 master weights, gradients and AdamW state,
+    bf16 matrix products), or "pure-bf16" (everything bf16: what --dtype bf16 did before issue
+    9, kept to check the plan against the measurement made then). Sequences in the M-step are
+    prompt + an 8-token forcing prefix + new_tokens long; with `decision`, each micro-batch also
+    runs the decision term over two prefixes of up to micro_batch prompts. Not counted: the CUDA
+    context (~0.5 GiB), the caching allocator's reserved-but-free blocks, NCCL buffers; leave
+    10-15% of the card for them. Activations are counted for HF's eager PyTorch layers with SDPA
+    attention (no seq x seq matrix kept)."""
+    N, h, L, i, V = n_params(s), s["hidden"], s["layers"], s["intermediate"], s["vocab"]
+    kv = s["kv_heads"] * h // s["heads"]
+    master, c = {"fp32": (4, 4), "bf16": (4, 2), "pure-bf16": (2, 2)}[dtype]
+    fsdp = fsdp or world > 1 or cpu_offload
+    on_gpu = 0 if cpu_offload else 1 / world          # the share of the fp32 state this GPU keeps
+    p = {"params_B": N / 1e9,
+         "weights": N * master * on_gpu, "gradients": N * master * on_gpu, "optimizer": 2 * N * master * on_gpu,
+         "optimizer_step_temp": N * master * on_gpu}   # foreach AdamW's sqrt(v) buffer, alive during step()
+    # The compute-dtype copy of the weights: under FSDP the whole model while sampling (gathered)
+    # and the root (embeddings, head) plus about two layers in training; in one process with
+    # bf16 compute, autocast's cast cache (training) or the sampler's copy holds all of it.
+    layer = (N - V * h * (1 if s["tied"] else 2)) / L
+    whole = N * c if fsdp or c != master else 0
+    p["compute_copy_training"] = (V * h * (1 if s["tied"] else 2) + 2 * layer) * c if fsdp else whole
+    p["compute_copy_sampling"] = whole
+    seq = prompt_len + 8 + new_tokens
+    tokens = micro_batch * seq + (2 * micro_batch * (prompt_len + 8) if decision else 0)
+    per_token_layer = 2 * (4 + 2 * c) * h + c * (3 * h + 2 * kv) + 4 * c * i   # 2 RMSNorms, attention, SwiGLU
+    if grad_ckpt:          # each layer keeps its input; one layer's activations exist again in backward
+        per_token = L * c * h + per_token_layer
+    else:
+        per_token = L * per_token_layer
+    logits = micro_batch * (new_tokens + 8) * V * (c + 4 + 4)   # head output, its fp32 copy, its gradient
+    p["activations"] = tokens * per_token + logits
+    cap = max(64, 2 * prompt_len)                     # model.GrowingLayer: capacity doubles when full
+    while cap < prompt_len + 8 + new_tokens:
+        cap = 2 * (cap + 1)
+    p["kv_cache"] = sample_batch * cap * L * 2 * kv * c
+    p["prefill_temp"] = sample_batch * prompt_len * 3 * c * i   # SwiGLU intermediates of the prompt forward
+    state = p["weights"] + p["gradients"] + p["optimizer"]
+    p["peak_training"] = state + max(p["compute_copy_training"] + p["activations"], p["optimizer_step_temp"])
+    sampling = p["weights"] + p["compute_copy_sampling"] + p["kv_cache"] + p["prefill_temp"]
+    p["peak_sampling_first"] = sampling                       # iteration 1: no gradients or AdamW state yet
+    p["peak_sampling"] = sampling + p["gradients"] + p["optimizer"]   # later: both stay allocated
+    p["host"] = 4 * N * master / world if cpu_offload else 0      # shards, gradients, AdamW state (per-tensor step on CPU)
+    return {k: v if k == "params_B" else v / GiB for k, v in p.items()}
+
+
+FITS = [   # (what, flags, world, memory_plan keywords)
+    ("1 GPU", "--dtype bf16", 1, {}),
+    ("1 GPU", "--dtype bf16 --grad-ckpt", 1, {"grad_ckpt": True}),
+    ("1 GPU", "torchrun --nproc_per_node 1 ... --fsdp --cpu-offload --grad-ckpt --dtype bf16", 1,
+     {"cpu_offload": True, "grad_ckpt": True}),
+    ("8 GPUs", "torchrun --nproc_per_node 8 ... --fsdp --dtype bf16", 8, {}),
+    ("8 GPUs", "torchrun --nproc_per_node 8 ... --fsdp --dtype bf16 --grad-ckpt", 8, {"grad_ckpt": True}),
+]
+
+
+def plan_table():
+    """The README's table: one GPU, --dtype bf16, em_train.py's defaults; then what fits 7B."""
+    terms = ["weights", "gradients", "optimizer", "optimizer_step_temp", "activations", "kv_cache",
+             "peak_training", "peak_sampling"]
+    plans = {name: memory_plan(s) for name, s in SHAPES.items()}
+    lines = ["| GiB, 1 GPU, `--dtype bf16`, defaults | " + " | ".join(plans) + " |", "|---" * (len(plans) + 1) + "|",
+             "| parameters | " + " | ".join(f"{p['params_B']:.2f} B" for p in plans.values()) + " |"]
+    lines += [f"| {t.replace('_', ' ')} | " + " | ".join(f"{p[t]:.1f}" for p in plans.values()) + " |" for t in terms]
+    lines += ["", "| Qwen2.5-7B | flags | GiB per GPU, training | sampling | host memory |", "|---|---|---|---|---|"]
+    for what, flags, world, kw in FITS:
+        p = memory_plan(SHAPES["Qwen2.5-7B"], world=world, **kw)
+        lines.append(f"| {what} | `{flags}` | {p['peak_training']:.1f} | {p['peak_sampling']:.1f} | "
+                     f"{p['host']:.0f} |" if p["host"] else
+                     f"| {what} | `{flags}` | {p['peak_training']:.1f} | {p['peak_sampling']:.1f} | - |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    import argparse
+    ap = argparse.ArgumentParser(description="Memory plan of em_train.py for Qwen2.5 0.5B / 1.5B / 7B.")
+    ap.add_argument("--plan", action="store_true", help="print the table (the README's)")
+    if ap.parse_args().plan:
+        print(plan_table())
+    else:
+        ap.print_help()
