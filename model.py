@@ -47,12 +47,11 @@ import re
 import shutil
 import sys
 import time
+from collections import deque
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 
 import torch
-from transformers import DynamicCache
-from transformers.cache_utils import DynamicLayer
 
 DEFAULT_MODEL = "smollm2-135m"
 CACHE_DIR = os.environ.get("AUTOCODE_CACHE", os.path.expanduser("~/.cache/autocode"))
@@ -329,235 +328,403 @@ def _filter_logits(logits, temperature, top_k, top_p):
     return torch.log_softmax(logits, dim=-1)
 
 
-def _forward(model, cache, ids, mask, positions):
-    return model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache,
-                 use_cache=True, logits_to_keep=1).logits[:, -1]
+M32 = 0xFFFFFFFF
 
 
-class GrowingLayer(DynamicLayer):
-    """A DynamicLayer that writes new keys/values into spare capacity (doubling when full)
-    instead of concatenating the whole cache every step: O(1) amortised copying per token
-    instead of O(length). `keys`/`values` stay plain views, so code that replaces them
-    (row selection, column compaction, merges) still works: the next update re-buffers."""
-
-    def update(self, key_states, value_states, *args, **kwargs):
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-        n = key_states.shape[-2]
-        length = self.keys.shape[-2] if self.keys.numel() else 0
-        buf = getattr(self, "_k", None)
-        if (buf is None or self.keys.numel() and self.keys.data_ptr() != buf.data_ptr()
-                or buf.shape[0] != key_states.shape[0] or length + n > buf.shape[-2]):
-            shape = (*key_states.shape[:2], max(64, 2 * (length + n)), key_states.shape[-1])
-            self._k, self._v = key_states.new_empty(shape), value_states.new_empty(shape)
-            if length:
-                self._k[:, :, :length], self._v[:, :, :length] = self.keys, self.values
-        self._k[:, :, length:length + n] = key_states
-        self._v[:, :, length:length + n] = value_states
-        self.keys, self.values = self._k[:, :, :length + n], self._v[:, :, :length + n]
-        return self.keys, self.values
+def _mix32(x):
+    """A 32-bit integer hash (three multiply-xorshift rounds), the same on Python ints and on
+    int64 tensors. The multipliers are below 2**31, so no product leaves int64."""
+    for mult in (0x7FEB352D, 0x68E31DA5, 0x5BD1E995):
+        x = x ^ (x >> 16)
+        x = (x * mult) & M32
+    return x ^ (x >> 16)
 
 
-def _sub_cache(cache, rows, config):
-    """A new DynamicCache holding copies of the given batch rows."""
-    return DynamicCache([(layer.keys[rows], layer.values[rows]) for layer in cache.layers], config=config)
+def _row_key(seed, index):
+    """The noise key of prompt `index` under `seed`: its random stream is its own."""
+    return _mix32(_mix32((seed & M32) ^ _mix32((seed >> 32) & M32)) ^ (index & M32))
 
 
-def _merge_rows(cache, sub, rows, new_cols):
-    """Append `new_cols` columns to every row of `cache`: the sub-batch rows get their new
-    keys/values, every other row gets zeros (its attention mask hides them)."""
-    for layer, sub_layer in zip(cache.layers, sub.layers):
-        for name in ("keys", "values"):
-            full = getattr(layer, name)
-            grown = full.new_zeros(full.shape[0], full.shape[1], full.shape[2] + new_cols, full.shape[3])
-            grown[:, :, :full.shape[2]] = full
-            grown[rows, :, full.shape[2]:] = getattr(sub_layer, name)[:, :, -new_cols:]
-            setattr(layer, name, grown)
+def _uniform(keys, counts):
+    """Counter-based noise: one uniform in (0, 1) per (row key, draw count), a pure function of
+    the two, so which rows step together (the sandbox's timing) cannot change a row's draws."""
+    h = _mix32(keys ^ _mix32(counts & M32))
+    return ((h >> 8).float() + 0.5) / 2.0 ** 24
+
+
+def _draw(logits, keys, counts, greedy, temperature, top_k, top_p):
+    """(token, behaviour log-prob) per row. Sampling inverts the CDF at the row's own uniform:
+    one cumulative sum over the vocabulary, no shared generator state."""
+    if greedy:
+        logp = torch.log_softmax(logits.float(), -1)
+        token = logp.argmax(-1)
+    else:
+        logp = _filter_logits(logits, temperature, top_k, top_p)
+        cdf = logp.exp().cumsum(-1)
+        u = _uniform(keys, counts) * cdf[:, -1]
+        token = torch.searchsorted(cdf, u[:, None]).squeeze(1).clamp(max=cdf.shape[-1] - 1)
+    return token, logp.gather(1, token[:, None]).squeeze(1)
+
+
+class SlotCache:
+    """The KV cache, preallocated: layer l keeps k[l], v[l] of shape [slots, kv heads,
+    capacity + 1, head dim]. A row's tokens sit at columns 0..length-1 in order, so a token's
+    column is its position and no row carries padding. Column `capacity` is scratch: left
+    padding and idle slots write there and no query reads it.
+
+    This is all transformers needs of a cache here: `update(keys, values, layer_idx)` stores the
+    new keys/values and returns what attention reads. Before each forward, `plan` says where:
+    the slot of each batch row, the column of each input token, how many columns to read."""
+
+    def __init__(self, slots, capacity):
+        self.slots, self.capacity = slots, capacity
+        self.k, self.v = [], []
+
+    def plan(self, rows, cols, width):
+        """rows: LongTensor [b] of slots, or a slice (0, b) for slots 0..b-1 (no gather copy);
+        cols: [b, tokens] write columns; width: columns attention reads."""
+        self.read = rows
+        self.write = torch.arange(rows.stop, device=cols.device)[:, None] if isinstance(rows, slice) else rows[:, None]
+        self.cols, self.width = cols, width
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        if layer_idx == len(self.k):            # first forward: allocate this layer
+            shape = (self.slots, key_states.shape[1], self.capacity + 1, key_states.shape[3])
+            self.k.append(key_states.new_zeros(shape))
+            self.v.append(value_states.new_zeros(shape))
+        k, v = self.k[layer_idx], self.v[layer_idx]
+        k[self.write, :, self.cols] = key_states.transpose(1, 2)
+        v[self.write, :, self.cols] = value_states.transpose(1, 2)
+        return k[self.read, :, :self.width], v[self.read, :, :self.width]
+
+    def grow(self, capacity):
+        """Make room for `capacity` tokens per row (a rare reallocation: long inserted output)."""
+        for buffers in (self.k, self.v):
+            for i, old in enumerate(buffers):
+                new = old.new_zeros(*old.shape[:2], capacity + 1, old.shape[3])
+                new[:, :, :self.capacity] = old[:, :, :self.capacity]
+                buffers[i] = new
+        self.capacity = capacity
+
+    def move(self, src, dst, length):
+        """Copy a row's cache from slot src to slot dst (keeps the live slots 0..n-1)."""
+        for buffers in (self.k, self.v):
+            for t in buffers:
+                t[dst, :, :length] = t[src, :, :length]
+
+
+def _attention_mask(positions, real, width, dtype):
+    """Additive [b, 1, tokens, width] mask: a real token at position p sees columns 0..p of
+    its own row. Padding sees nothing; the dtype's minimum (not -inf) keeps its softmax finite."""
+    cols = torch.arange(width, device=positions.device)
+    seen = cols <= positions[..., None]
+    if real is not None:
+        seen = seen & real[..., None]
+    mask = torch.zeros(seen.shape, dtype=dtype, device=positions.device)
+    return mask.masked_fill_(~seen, torch.finfo(dtype).min)[:, None]
+
+
+def _buckets(width):
+    """Batch widths the decode step runs at: powers of two below `width`, and `width`."""
+    return sorted({1 << i for i in range(width.bit_length()) if 1 << i < width} | {width})
+
+
+class _DecodeStep:
+    """The one-token decode step over slots 0..w-1, on static buffers, for w in the buckets.
+    On CUDA each bucket's step (forward + sampling) is captured once as a CUDA graph reading
+    the full cache width and replayed; elsewhere the same step runs eagerly, reading only the
+    columns in use. Either way one host transfer in and one out per step."""
+
+    def __init__(self, model, cache, width, draw, graphs):
+        self.model, self.cache, self.draw, self.graphs = model, cache, draw, graphs
+        self.device = next(model.parameters()).device
+        self.dtype = next(model.parameters()).dtype
+        self.inputs = torch.zeros(5, width, dtype=torch.long, device=self.device)  # id pos col key count
+        self.buckets, self.captured = _buckets(width), {}
+
+    def __call__(self, ids, pos, cols, keys, counts):
+        """Step len(ids) slots (padded up to a bucket); returns (tokens, log-probs) lists."""
+        n = len(ids)
+        w = next(b for b in self.buckets if b >= n)
+        pad = [0] * (w - n)
+        host = torch.tensor([ids + pad, pos + pad, cols + [self.cache.capacity] * (w - n), keys + pad, counts + pad])
+        self.inputs[:, :w].copy_(host)
+        if not self.graphs:
+            out = self._forward(w, max(pos) + 1)
+        else:
+            if self.captured.get(w, (None, None, -1))[2] != self.cache.capacity:
+                self.captured[w] = self._capture(w)
+            graph, out, _ = self.captured[w]
+            graph.replay()
+        tokens, logps = out[:, :n].tolist()
+        return [int(t) for t in tokens], logps
+
+    def _forward(self, w, width):
+        ids, pos, cols, keys, counts = self.inputs[:, :w]
+        self.cache.plan(slice(0, w), cols[:, None], width)
+        mask = _attention_mask(pos[:, None], None, width, self.dtype)
+        logits = self.model(input_ids=ids[:, None], position_ids=pos[:, None], attention_mask=mask,
+                            cache=self.cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+        token, logp = self.draw(logits, keys, counts)
+        return torch.stack([token.double(), logp.double()])
+
+    def _capture(self, w):
+        """Warm up on a side stream (the step's writes are the real ones), then capture."""
+        width = self.cache.capacity
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                self._forward(w, width)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = self._forward(w, width)
+        return graph, out, self.cache.capacity
 
 
 class _Row:
-    """Decoding state of one sequence while it is in the batch."""
+    """One prompt's decoding state while it holds a slot of the batch."""
 
-    def __init__(self, index, prompt_ids, prefix_ids, tok):
-        self.index = index
-        self.out = Rollout(prompt_ids=list(prompt_ids), n_prefix=len(prefix_ids))
-        self.feed = list(prompt_ids) + list(prefix_ids)    # tokens to push through the model next
-        self.out.response_ids = list(prefix_ids)
-        self.out.logprobs = [0.0] * len(prefix_ids)
-        self.out.sampled = [False] * len(prefix_ids)
-        self.text = tok.decode(prefix_ids) if prefix_ids else ""
-        self.scan_from = 0          # where to look for the next closed ```python block
+    def __init__(self, index, prompt_ids, prefix_ids, key):
+        self.index, self.key = index, key          # position in `prompts`; its noise key
+        self.out = Rollout(prompt_ids=list(prompt_ids), response_ids=list(prefix_ids),
+                           logprobs=[0.0] * len(prefix_ids), sampled=[False] * len(prefix_ids),
+                           n_prefix=len(prefix_ids))
+        self.feed = list(prompt_ids) + list(prefix_ids)   # tokens not yet in the cache
+        self.length = 0             # tokens in the cache: the position of feed[0]
+        self.n_new = 0              # sampled tokens so far (also the noise counter)
+        self.scan = 0               # response index where the next ```python block may begin
         self.cells = []             # code of earlier blocks, re-run for notebook semantics
         self.note = ""              # message for the next output block (state reset)
-        self.future = None          # pending execution
-        self.n_new = 0              # sampled tokens so far
+        self.newline = True         # whether the text before a pending output ends a line
+        self.future = None          # pending execution: the row is paused
+        self.done = False
+
+
+def _watch_ids(tok, chars):
+    """Token ids whose text contains any of `chars`: only these can close a code block or
+    complete a stop string, so only these are decoded during sampling. Byte pieces that
+    decode to U+FFFD are watched too when a stop string is not plain ASCII."""
+    if not chars:
+        return frozenset()
+    if not all(c.isascii() for c in chars):
+        chars = set(chars) | {"\ufffd"}
+    pieces = tok.batch_decode([[i] for i in range(len(tok))])
+    return frozenset(i for i, p in enumerate(pieces) if any(c in p for c in chars))
+
+
+_WATCH = {}
+
+
+def _watched(tok, chars):
+    key = (tok.name_or_path, len(tok), frozenset(chars))
+    if key not in _WATCH:
+        _WATCH[key] = _watch_ids(tok, chars)
+    return _WATCH[key]
+
+
+class _Sampler:
+    """What every row shares: the model and its cache, the settings, the executor pool. Its
+    methods are the steps of `sample`'s loop; rows[s] is the row in slot s."""
+
+    def __init__(self, model, tok, width, capacity, *, max_new_tokens, stop, eos, code, executor,
+                 max_code_calls, max_output_chars, draw):
+        self.model, self.tok, self.draw = model, tok, draw
+        self.device = next(model.parameters()).device
+        self.max_new_tokens, self.stop, self.eos, self.code = max_new_tokens, list(stop), eos, code
+        self.executor, self.max_code_calls, self.max_output_chars = executor, max_code_calls, max_output_chars
+        self.tick_ids = _watched(tok, "`") if code else frozenset()
+        self.stop_ids = _watched(tok, "".join(stop))
+        self.stop_span = max(map(len, self.stop), default=0) + 2    # tokens that can hold a stop string
+        self.cache = SlotCache(width, capacity)
+        graphs = self.device.type == "cuda" and not any(type(m).__name__.startswith("FSDP") for m in model.modules())
+        self.step = _DecodeStep(model, self.cache, width, draw, graphs)
+        self.pool = ThreadPoolExecutor(max_workers=max(1, os.cpu_count() or 1)) if code else None
+        self.rows, self.width, self.finished, self.reported = [], width, [], 0
+
+    # -- slots ---------------------------------------------------------------------------
+    def admit(self, queue):
+        """Give finished rows' slots to waiting prompts, then keep the live rows in slots
+        0..n-1: each live row beyond n moves into a hole below n (one cache copy per hole)."""
+        rows = self.rows
+        for s in range(len(rows)):
+            if rows[s].done and queue:
+                rows[s] = queue.popleft()
+        while queue and len(rows) < self.width:
+            rows.append(queue.popleft())
+        n = sum(not r.done for r in rows)
+        movers = [(s, r) for s, r in enumerate(rows) if s >= n and not r.done]
+        holes = [s for s in range(n) if rows[s].done]
+        for (src, r), dst in zip(movers, holes):
+            self.cache.move(src, dst, r.length)
+            rows[dst] = r
+        del rows[n:]
+
+    def fit(self, need):
+        if need > self.cache.capacity:
+            self.cache.grow(max(need, 2 * self.cache.capacity))
+
+    # -- forwards ------------------------------------------------------------------------
+    def prefill(self, part):
+        """One forward over the rows in `part` that have several tokens to feed (a prompt, an
+        output block), left-padded to one length; padding writes to the scratch column."""
+        slots = [self.rows.index(r) for r in part]
+        size = max(len(r.feed) for r in part)
+        self.fit(max(r.length + len(r.feed) for r in part))
+        ids = torch.zeros(len(part), size, dtype=torch.long)
+        pos, real = torch.zeros_like(ids), torch.zeros(len(part), size, dtype=torch.bool)
+        for j, r in enumerate(part):
+            n = len(r.feed)
+            ids[j, size - n:] = torch.tensor(r.feed)
+            pos[j, size - n:] = torch.arange(r.length, r.length + n)
+            real[j, size - n:] = True
+        ids, pos, real = ids.to(self.device), pos.to(self.device), real.to(self.device)
+        width = int(pos.max()) + 1
+        self.cache.plan(torch.tensor(slots, device=self.device), pos.masked_fill(~real, self.cache.capacity), width)
+        mask = _attention_mask(pos, real, width, self.step.dtype)
+        logits = self.model(input_ids=ids, position_ids=pos, attention_mask=mask, cache=self.cache,
+                            use_cache=True, logits_to_keep=1).logits[:, -1]
+        keys = torch.tensor([r.key for r in part], device=self.device)
+        token, logp = self.draw(logits, keys, torch.tensor([r.n_new for r in part], device=self.device))
+        for r in part:
+            r.length += len(r.feed)
+        return token.tolist(), logp.tolist()
+
+    def decode(self, part):
+        """One token for each row in `part`; every other slot idles on the scratch column."""
+        self.fit(max(r.length for r in part) + 1)
+        stepping = {id(r) for r in part}
+        ids, pos, cols, keys, counts = [], [], [], [], []
+        for r in self.rows:
+            live = id(r) in stepping
+            ids.append(r.feed[0] if live else 0)
+            pos.append(r.length if live else 0)
+            cols.append(r.length if live else self.cache.capacity)
+            keys.append(r.key)
+            counts.append(r.n_new)
+        tokens, logps = self.step(ids, pos, cols, keys, counts)
+        for r in part:
+            r.length += 1
+        slot = {id(r): s for s, r in enumerate(self.rows)}
+        return [tokens[slot[id(r)]] for r in part], [logps[slot[id(r)]] for r in part]
+
+    # -- per-token host work -------------------------------------------------------------
+    def accept(self, r, token, logp):
+        """Record one sampled token and decide what the row does next."""
+        out = r.out
+        out.response_ids.append(token)
+        out.logprobs.append(logp)
+        out.sampled.append(True)
+        r.n_new += 1
+        r.feed = [token]
+        if token in self.eos:
+            return self.finish(r, "eos")
+        if token in self.stop_ids:
+            tail = self.tok.decode(out.response_ids[-self.stop_span:])
+            if any(s in tail for s in self.stop):
+                return self.finish(r, "stop")
+        if token in self.tick_ids:
+            text = self.tok.decode(out.response_ids[r.scan:])
+            m = CODE_BLOCK.search(text)
+            if m:
+                return self.start_code(r, m.group(1), text.endswith("\n"))
+        if r.n_new >= self.max_new_tokens:
+            return self.finish(r, "length")
+
+    def finish(self, r, why):
+        r.out.finish, r.done = why, True
+        r.out.text = self.tok.decode(r.out.response_ids, skip_special_tokens=True)
+        self.finished.append(r)
+
+    # -- code ----------------------------------------------------------------------------
+    def start_code(self, r, block, newline):
+        r.newline = newline
+        if len(r.out.code_calls) >= self.max_code_calls:
+            return self.insert_output(r, "Reach max function call limit.")
+        r.out.code_calls.append({"code": block})
+        r.future = self.pool.submit(self.executor, r.cells + [block])   # the row pauses
+
+    def collect(self, block):
+        """Insert the outputs of finished executions; if `block`, wait for one first."""
+        waiting = [r for r in self.rows if r.future is not None and not r.done]
+        if block and waiting:
+            wait([r.future for r in waiting], return_when=FIRST_COMPLETED)
+        for r in waiting:
+            if r.future.done():
+                result, r.future = r.future.result(), None
+                call = r.out.code_calls[-1]
+                call.update(output=result.output, ok=result.ok, error=result.error)
+                shown = result.output
+                if result.error and result.error not in shown:
+                    shown = (shown.rstrip("\n") + "\n" + result.error).lstrip("\n")
+                shown, r.note = r.note + truncate_middle(shown, self.max_output_chars), ""
+                if result.error and result.error.startswith("Timeout"):
+                    r.cells, r.note = [], "(the previous block timed out; its state was reset)\n"
+                else:
+                    r.cells.append(call["code"])
+                self.insert_output(r, shown)
+
+    def insert_output(self, r, shown):
+        text = ("" if r.newline else "\n") + "```output\n" + shown.rstrip("\n") + "\n```\n"
+        ids = self.tok(text, add_special_tokens=False).input_ids
+        r.out.response_ids += ids
+        r.out.logprobs += [0.0] * len(ids)
+        r.out.sampled += [False] * len(ids)
+        r.scan = len(r.out.response_ids)
+        if r.n_new >= self.max_new_tokens:
+            return self.finish(r, "length")
+        r.feed += ids
 
 
 @torch.no_grad()
 def sample(model, tok, prompts, prefixes=None, *, max_new_tokens=512, temperature=1.0, top_p=1.0,
            top_k=0, greedy=False, stop=(), seed=0, executor=default_executor, max_code_calls=4,
-           max_output_chars=400, code=True, ignore_eos=False, progress=None):
+           max_output_chars=400, code=True, ignore_eos=False, batch_size=None, progress=None):
     """Sample one solution per prompt (lists of token ids). Returns a list of Rollout, in order.
 
     prefixes: per-prompt forced response prefix (token ids), fed as if the model had written
     them but marked as not sampled. executor(cells) -> object with .output .ok .error.
     code=False turns code interleaving off (plain generation). max_new_tokens counts sampled
     tokens; inserted tokens (prefix, outputs) are bounded by max_output_chars instead.
+    batch_size: rows decoded together (default: all prompts); when there are more prompts,
+    a finished row's slot goes to the next waiting prompt (continuous batching).
+    progress: called as progress(new_tokens, finished_rows) after every forward that samples.
+    Prompt i draws from its own random stream, keyed by (seed, i): results do not depend on
+    the batch width or on when the executor answers.
     """
-    device = next(model.parameters()).device
     prefixes = prefixes or [[] for _ in prompts]
     if any(not p and not f for p, f in zip(prompts, prefixes)):
         raise ValueError("sample: every prompt needs at least one token (prompt or prefix)")
-    eos = set() if ignore_eos else set(stop_token_ids(model, tok))
-    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-    gen = torch.Generator(device=device).manual_seed(seed)
-    rows = [_Row(i, p, f, tok) for i, (p, f) in enumerate(zip(prompts, prefixes))]
-    done = [None] * len(rows)
-    cache = DynamicCache(config=model.config)
-    cache.layers = [GrowingLayer() if type(layer) is DynamicLayer else layer for layer in cache.layers]
-    mask = torch.zeros(len(rows), 0, dtype=torch.long, device=device)
-    n_real = torch.zeros(len(rows), dtype=torch.long, device=device)   # real tokens per row
-    pool = ThreadPoolExecutor(max_workers=max(1, os.cpu_count() or 1)) if code else None
-
-    def forward(feeds, part):
-        """Push feeds[j] through row part[j] (left-padded to one width); return last logits.
-        When only some rows take part, they run on a copy of their cache rows and every
-        other row gets masked zero columns."""
-        nonlocal mask
-        width = max(len(f) for f in feeds)
-        ids = torch.full((len(feeds), width), pad, dtype=torch.long)
-        chunk_mask = torch.zeros(len(feeds), width, dtype=torch.long)
-        for j, f in enumerate(feeds):
-            if f:
-                ids[j, width - len(f):] = torch.tensor(f)
-                chunk_mask[j, width - len(f):] = 1
-        ids, chunk_mask = ids.to(device), chunk_mask.to(device)
-        sel = torch.tensor(part, device=device)
-        positions = (n_real[sel, None] + chunk_mask.cumsum(1) - 1).clamp(min=0)
-        n_real[sel] += chunk_mask.sum(1)
-        if len(part) == mask.shape[0]:
-            mask = torch.cat([mask, chunk_mask], 1)
-            return _forward(model, cache, ids, mask, positions)
-        sub = _sub_cache(cache, sel, model.config)
-        logits = _forward(model, sub, ids, torch.cat([mask[sel], chunk_mask], 1), positions)
-        _merge_rows(cache, sub, sel, width)
-        grown = torch.zeros(mask.shape[0], width, dtype=torch.long, device=device)
-        grown[sel] = chunk_mask
-        mask = torch.cat([mask, grown], 1)
-        return logits
-
-    def draw(logits):
-        if greedy:
-            logp = torch.log_softmax(logits.float(), -1)
-            token = logp.argmax(-1)
-        else:
-            logp = _filter_logits(logits, temperature, top_k, top_p)
-            token = torch.multinomial(logp.exp(), 1, generator=gen).squeeze(1)
-        return token.tolist(), logp.gather(1, token[:, None]).squeeze(1).tolist()
-
-    def finish(r, why):
-        r.out.finish = why
-        r.out.text = tok.decode(r.out.response_ids, skip_special_tokens=True)
-        done[r.index] = r.out
-
-    def accept(r, token, logp):
-        """Record one sampled token and decide what the row does next."""
-        r.out.response_ids.append(token)
-        r.out.logprobs.append(logp)
-        r.out.sampled.append(True)
-        r.n_new += 1
-        if token in eos:
-            return finish(r, "eos")
-        piece = tok.decode([token])
-        r.text += piece
-        if any(s in r.text[-(len(s) + len(piece)):] for s in stop):
-            return finish(r, "stop")
-        r.feed = [token]
-        if code and "`" in piece:
-            m = CODE_BLOCK.search(r.text, r.scan_from)
-            if m:
-                r.scan_from = m.end()
-                return start_code(r, m.group(1))
-        if r.n_new >= max_new_tokens:
-            return finish(r, "length")
-
-    def start_code(r, block):
-        if len(r.out.code_calls) >= max_code_calls:
-            return insert_output(r, "Reach max function call limit.")
-        r.out.code_calls.append({"code": block})
-        r.future = pool.submit(executor, r.cells + [block])   # the row pauses until it returns
-
-    def collect(r):
-        result, r.future = r.future.result(), None
-        call = r.out.code_calls[-1]
-        call.update(output=result.output, ok=result.ok, error=result.error)
-        shown = result.output
-        if result.error and result.error not in shown:
-            shown = (shown.rstrip("\n") + "\n" + result.error).lstrip("\n")
-        shown, r.note = r.note + truncate_middle(shown, max_output_chars), ""
-        if result.error and result.error.startswith("Timeout"):
-            r.cells, r.note = [], "(the previous block timed out; its state was reset)\n"
-        else:
-            r.cells.append(call["code"])
-        insert_output(r, shown)
-
-    def insert_output(r, shown):
-        text = ("" if r.text.endswith("\n") else "\n") + "```output\n" + shown.rstrip("\n") + "\n```\n"
-        ids = tok(text, add_special_tokens=False).input_ids
-        r.out.response_ids += ids
-        r.out.logprobs += [0.0] * len(ids)
-        r.out.sampled += [False] * len(ids)
-        r.text += text
-        r.scan_from = len(r.text)
-        if r.n_new >= max_new_tokens:
-            return finish(r, "length")
-        r.feed += ids
-
+    if not prompts:
+        return []
+    width = min(batch_size or len(prompts), len(prompts))
+    longest = max(len(p) + len(f) for p, f in zip(prompts, prefixes))
+    inserted = max_code_calls * (max_output_chars // 2 + 48) if code else 0
+    draw = lambda logits, keys, counts: _draw(logits, keys, counts, greedy, temperature, top_k, top_p)
+    run = _Sampler(model, tok, width, longest + max_new_tokens + inserted, max_new_tokens=max_new_tokens,
+                   stop=stop, eos=set() if ignore_eos else set(stop_token_ids(model, tok)), code=code,
+                   executor=executor, max_code_calls=max_code_calls, max_output_chars=max_output_chars, draw=draw)
+    queue = deque(_Row(i, p, f, _row_key(seed, i)) for i, (p, f) in enumerate(zip(prompts, prefixes)))
     try:
-        while rows:
-            # 1. collect finished executions; block only if no row could move otherwise
-            waiting = [r for r in rows if r.future is not None]
-            if waiting and len(waiting) == len(rows):
-                wait([r.future for r in waiting], return_when=FIRST_COMPLETED)
-            for r in waiting:
-                if r.future.done():
-                    collect(r)
-            # 2. one forward. Rows with several tokens to feed (prompt, output block) go
-            #    alone; otherwise every row steps one token, paused rows as masked padding.
-            live = [j for j, r in enumerate(rows) if r.future is None and r.feed]
-            part = [j for j in live if len(rows[j].feed) > 1 and mask.shape[1] > 0]
-            if part:
-                logits, fed = forward([rows[j].feed for j in part], part), part
-            elif live:
-                feeds = [r.feed if r.future is None else [] for r in rows]
-                logits, fed = forward(feeds, list(range(len(rows))))[live], live
-            else:
-                fed = []
-            for j in fed:
-                rows[j].feed = []
-            if fed:
-                tokens, logps = draw(logits)
-                for j, token, logp in zip(fed, tokens, logps):
-                    accept(rows[j], token, logp)
-                if progress is not None:
-                    progress.update(len(fed))
-            # 3. drop finished rows from the batch, and cache columns no row attends to
-            keep = [j for j, r in enumerate(rows) if done[r.index] is None]
-            if len(keep) < len(rows):
-                rows = [rows[j] for j in keep]
-                sel = torch.tensor(keep, dtype=torch.long, device=device)
-                mask, n_real = mask[sel], n_real[sel]
-                if rows:
-                    cache.batch_select_indices(sel)
-                    cols = mask.any(0)
-                    if not bool(cols.all()):
-                        for layer in cache.layers:
-                            layer.keys, layer.values = layer.keys[:, :, cols], layer.values[:, :, cols]
-                        mask = mask[:, cols]
+        while queue or run.rows:
+            run.admit(queue)
+            # rows paused on code take their outputs; wait only if no row could move otherwise
+            run.collect(block=all(r.future is not None for r in run.rows))
+            ready = [r for r in run.rows if r.future is None and not r.done]
+            for part, forward in (([r for r in ready if len(r.feed) > 1], run.prefill),
+                                  ([r for r in ready if len(r.feed) == 1], run.decode)):
+                if part:
+                    tokens, logps = forward(part)
+                    for r, token, logp in zip(part, tokens, logps):
+                        run.accept(r, token, logp)
+                    if progress is not None:
+                        progress(len(part), len(run.finished) - run.reported)
+                        run.reported = len(run.finished)
     finally:
-        if pool is not None:
-            pool.shutdown(wait=False, cancel_futures=True)
-    return done
+        if run.pool is not None:
+            run.pool.shutdown(wait=False, cancel_futures=True)
+    return [r.out for r in sorted(run.finished, key=lambda r: r.index)]
 
 
 # ---------------------------------------------------------------------------------------

@@ -29,21 +29,22 @@ class Bigram(torch.nn.Module):
         return out
 
 
-def code_writer(tiny, tok):
+def code_writer(tiny, tok, strength=40.0):
     t = lambda s: tok(s, add_special_tokens=False).input_ids
     [nl], [ticks], [py] = t("\n"), t("```"), t("python")
-    return Bigram(tiny, [(nl, ticks), (ticks, py), (py, nl)])
+    return Bigram(tiny, [(nl, ticks), (ticks, py), (py, nl)], strength=strength)
 
 
 class Scripted:
-    """An executor that records the cells it is given and answers from a script."""
+    """An executor that records the cells it is given and answers from a script: a row's k-th
+    call (k cells, notebook semantics) gets the k-th answer, whatever the other rows do."""
 
     def __init__(self, *answers):
         self.calls, self.answers = [], list(answers)
 
     def __call__(self, cells):
         self.calls.append(list(cells))
-        out = self.answers[min(len(self.calls), len(self.answers)) - 1]
+        out = self.answers[min(len(cells), len(self.answers)) - 1]
         return SimpleNamespace(output=out, ok=True, error=None)
 
 
