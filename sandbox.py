@@ -388,8 +388,9 @@ def _rmdir_retry(d, seconds=0.5):
             time.sleep(0.005)
 
 
-def sweep_cgroups(only_pid=None):
-    """Kill what is left in, and remove, the cgroups of zygotes that are gone (or of `only_pid`)."""
+def sweep_cgroups(only_pid=None, patience=0.5):
+    """Kill what is left in, and remove, the cgroups of zygotes that are gone (or of `only_pid`).
+    A cgroup still busy after `patience` seconds is left for the next zygote's sweep."""
     bases = _cgroup_bases()
     for base in bases["dirs"] if bases else []:
         for name in os.listdir(base):
@@ -401,8 +402,8 @@ def sweep_cgroups(only_pid=None):
             for leaf in os.listdir(zdir):
                 if os.path.isdir(f"{zdir}/{leaf}"):
                     _kill_cgroup(f"{zdir}/{leaf}")
-                    _rmdir_retry(f"{zdir}/{leaf}")
-            _rmdir_retry(zdir)
+                    _rmdir_retry(f"{zdir}/{leaf}", patience)
+            _rmdir_retry(zdir, patience)
 
 
 # ---------------------------------------------------------------------------------------
@@ -492,7 +493,7 @@ def _init_process(sb):
     null = os.open(os.devnull, os.O_RDWR)
     for fd in (0, 1, 2):
         os.dup2(null, fd)
-    _keep_fds([0, 1, 2, sb.req_r, sb.status_w, sb.out_w, sb.report_w])
+    _keep_fds([0, 1, 2, sb.req_r, sb.w_req_r, sb.status_w, sb.out_w, sb.report_w])
     if sb.cgroup:
         sb.cgroup.join()                              # R and every descendant count against it
     if sb.isolated:
@@ -502,17 +503,17 @@ def _init_process(sb):
         old_ids = _readonly_everything()
         _mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)   # this PID namespace's
         _expose_interpreter()
-    to_w_r, to_w = os.pipe()                           # R -> W: "go", then the request
+    to_w_r, to_w = os.pipe()                           # R -> W: "go" (set up)
     from_w, from_w_w = os.pipe()                       # W -> R: "my user namespace exists"
     w = os.fork()
     if w == 0:
         try:
-            _keep_fds([0, 1, 2, to_w_r, from_w_w, sb.out_w, sb.report_w])
+            _keep_fds([0, 1, 2, to_w_r, from_w_w, sb.w_req_r, sb.out_w, sb.report_w])
             _worker(sb, to_w_r, from_w_w)
         except BaseException as e:                    # setup failed: say so, never run the code
             _report(sb.report_w, {"setup": _one_line(e)})
             os._exit(70)
-    for fd in (to_w_r, from_w_w, sb.out_w):          # report_w stays: R reports its own setup
+    for fd in (to_w_r, from_w_w, sb.w_req_r, sb.out_w):   # report_w stays: R reports its own setup
         os.close(fd)
     if sb.isolated:
         if os.read(from_w, 1) != b"u":
@@ -521,13 +522,18 @@ def _init_process(sb):
         _write(f"/proc/{w}/gid_map", f"{SANDBOX_ID} {SANDBOX_ID} 1")
         _build_filesystem(old_ids, sb.scratch, sb.tmpfs_mb)
     os.write(to_w, b"g")
-    line = _read_line(sb.req_r)                      # from G, once a request has come
-    if line:
-        req = json.loads(line)
-        if sb.isolated and req["tmpfs_mb"] != sb.tmpfs_mb:
-            _mount("tmpfs", sb.scratch, None, MS_REMOUNT | MS_NOSUID | MS_NODEV, f"size={req['tmpfs_mb']}m")
-        _write_all(to_w, line)
-    os.close(to_w)                                    # no request: W reads EOF and exits
+    os.close(to_w)
+    waiting = [sb.req_r, os.pidfd_open(w)]           # W gets its request from G directly
+    while len(waiting) == 2:                          # meanwhile G may ask for another tmpfs size
+        ready, _, _ = select.select(waiting, [], [])
+        if waiting[1] in ready:
+            break
+        line = _read_line(sb.req_r)
+        if not line:
+            waiting.pop(0)
+            break
+        _mount("tmpfs", sb.scratch, None, MS_REMOUNT | MS_NOSUID | MS_NODEV, f"size={int(line)}m")
+        os.write(sb.status_w, b'{"remounted": true}\n')
     _, status = os.waitpid(w, 0)
     os.write(sb.status_w, (json.dumps({"exit": status}) + "\n").encode())
     os._exit(0)                                       # PID 1 gone: the kernel kills the rest
@@ -587,8 +593,9 @@ def _worker(sb, to_w_r, from_w_w):
     if sb.tag:
         os.environ[TAG] = sb.tag
     sys.set_int_max_str_digits(0)
-    line = _read_line(to_w_r)
     os.close(to_w_r)
+    line = _read_line(sb.w_req_r)
+    os.close(sb.w_req_r)
     if not line:
         os._exit(0)
     req = json.loads(line)
@@ -724,7 +731,8 @@ class _Sandbox:
 
     def __init__(self, isolated, tmpfs_mb, cgroup, tag):
         self.isolated, self.tmpfs_mb, self.cgroup, self.tag = isolated, tmpfs_mb, cgroup, tag
-        self.req_r, self.req_w = os.pipe()            # G -> R: the request
+        self.req_r, self.req_w = os.pipe()            # G -> R: another tmpfs size, if asked
+        self.w_req_r, self.w_req_w = os.pipe()        # G -> W: the request
         self.status_r, self.status_w = os.pipe()      # R -> G: how W ended (trusted)
         self.out_r, self.out_w = os.pipe()            # W -> G: the output
         self.report_r, self.report_w = os.pipe()      # W -> G: cell index, exception (untrusted)
@@ -756,12 +764,11 @@ def _supervisor(isolated, bases, zygote_pid, taken_w, req_fd, res_fd, tag):
             except BaseException as e:
                 _report(sb.report_w, {"setup": _one_line(e)})
             os._exit(70)
-        for fd in (sb.req_r, sb.status_w, sb.out_w, sb.report_w):
+        for fd in (sb.req_r, sb.w_req_r, sb.status_w, sb.out_w, sb.report_w):
             os.close(fd)
         line = _read_line(req_fd)
-        os.write(taken_w, b"T" if line else b"E")     # Z may fork the next supervisor now
-        os.close(taken_w)
         if not line:
+            os.write(taken_w, b"E")
             return
         req = json.loads(line)
         try:
@@ -770,6 +777,7 @@ def _supervisor(isolated, bases, zygote_pid, taken_w, req_fd, res_fd, tag):
             result = {"output": "", "ok": False, "error": f"sandbox error: {_one_line(e)}"}
         result["id"] = req.get("id")
         _write_all(res_fd, (json.dumps(result) + "\n").encode())
+        os.write(taken_w, b"T")        # Z builds the next sandbox now, not while this one runs
     except BaseException:
         traceback.print_exc()                         # a bug in G: say where, on Z's stderr
     finally:
@@ -795,16 +803,25 @@ def _watch(req, sb):
     n, timeout = len(req["cells"]), req["timeout"]
     if sb.cgroup:
         sb.cgroup.limit(req["memory_mb"], req["max_procs"] + 1)     # + R
-    try:
-        _write_all(sb.req_w, json.dumps({k: req[k] for k in DEFAULTS if k != "max_output"}
-                                        | {"cells": req["cells"]}).encode() + b"\n")
-    except BrokenPipeError:                           # R is gone (setup failed): its status says so
-        pass
+    status_buf = b""
+    if sb.isolated and req["tmpfs_mb"] != sb.tmpfs_mb:
+        os.write(sb.req_w, b"%d\n" % req["tmpfs_mb"])
+        if select.select([sb.status_r], [], [], SETUP_SLACK)[0]:
+            line = _read_line(sb.status_r)
+            status_buf = b"" if line == b'{"remounted": true}\n' else line     # else R's last word
     os.close(sb.req_w)
+    try:
+        _write_all(sb.w_req_w, json.dumps({k: req[k] for k in DEFAULTS if k != "max_output"}
+                                          | {"cells": req["cells"]}).encode() + b"\n")
+    except BrokenPipeError:                           # W is gone (setup failed): R's status says so
+        pass
+    os.close(sb.w_req_w)
     start = time.monotonic()
     hard = start + SETUP_SLACK + n * timeout
     deadline = start + SETUP_SLACK + timeout
-    out, report, status, status_buf = _Capture(req["max_output"]), _Report(n), None, b""
+    out, report, status = _Capture(req["max_output"]), _Report(n), None
+    if status_buf.endswith(b"\n"):
+        status = json.loads(status_buf)["exit"]
     sel = selectors.DefaultSelector()
     for fd, what in ((sb.out_r, "out"), (sb.report_r, "report"), (sb.status_r, "status")):
         sel.register(fd, selectors.EVENT_READ, what)
@@ -1001,7 +1018,7 @@ class _Zygote:
         if "refused" in hello:
             self.close()
             raise SandboxRefused(hello["refused"])
-        self.isolated, self.cgroup = hello["isolated"], hello["cgroup"]
+        self.isolated, self.cgroup, self.dead = hello["isolated"], hello["cgroup"], False
 
     def _read_line(self, deadline):
         """One line from the zygote by `deadline`, else None; b"" if it died."""
@@ -1043,8 +1060,9 @@ class _Zygote:
                 return res
 
     def _replace(self, error):
+        """Kill this zygote; the next call starts a fresh one (not now: the answer is due)."""
         self.kill()
-        self.__init__()
+        self.dead = True
         return {"output": "", "ok": False, "error": error}
 
     def kill(self):
@@ -1053,7 +1071,7 @@ class _Zygote:
         except ProcessLookupError:
             pass
         self.proc.wait()
-        sweep_cgroups(self.proc.pid)                   # W's and the cells' processes
+        sweep_cgroups(self.proc.pid, patience=0.05)    # W's and the cells' processes
         for f in (self.proc.stdin, self.proc.stdout):
             try:
                 f.close()
@@ -1082,6 +1100,15 @@ def _acquire():
         with _lock:
             _all.append(z)
         return z
+
+
+def _release(z):
+    if not z.dead:
+        _idle.put(z)
+        return
+    with _lock:
+        if z in _all:
+            _all.remove(z)
 
 
 @atexit.register
@@ -1133,7 +1160,7 @@ def run_cells(cells, timeout=DEFAULTS["timeout"], memory_mb=DEFAULTS["memory_mb"
         try:
             res = z.ask(dict(limits, cells=cells, timeout=timeout))
         finally:
-            _idle.put(z)
+            _release(z)
         i = res.get("timed_out_cell")
         if i is None or i >= len(cells) - 1:
             return Result(note + res["output"], res["ok"], res["error"])

@@ -155,13 +155,14 @@ def test_caller_deadline_holds_when_the_sandbox_hangs(mode):
     sandbox.run_cells(["pass"])
     z = sandbox._all[0]
     tree = {z.proc.pid}
-    for _ in range(4):
+    for _ in range(5):                                # stop Z first, then what it forked meanwhile
+        for p in tree:
+            try:
+                os.kill(p, signal.SIGSTOP)
+            except ProcessLookupError:                # a supervisor that just finished
+                pass
+        time.sleep(0.05)
         tree |= {p for p, pp in parents().items() if pp in tree}
-    for p in tree:
-        try:
-            os.kill(p, signal.SIGSTOP)
-        except ProcessLookupError:                    # a supervisor that just finished
-            pass
     box = []
     th = threading.Thread(target=lambda: box.append(sandbox.run_cells(["print(1)"], timeout=T)), daemon=True)
     try:
