@@ -159,10 +159,12 @@ def world_of_one(tmp_path, monkeypatch):
 
 
 @needs_dist
-def test_fsdp_mixed_precision_fp32_master_bf16_compute_and_a_1e6_step_moves_the_weights(world_of_one, tok):
-    model = M.tiny_model(tok, dtype=torch.bfloat16)            # loaded in bf16, as --dtype bf16 does
+@pytest.mark.parametrize("cpu_offload", [False, True])
+def test_fsdp_mixed_precision_fp32_master_bf16_compute_and_a_1e6_step_moves_the_weights(world_of_one, tok,
+                                                                                        cpu_offload):
+    model = M.tiny_model(tok, dtype=torch.bfloat16)            # as if loaded in bf16: shard makes it fp32
     before = {k: v.float().clone() for k, v in model.state_dict().items()}
-    D.shard(model, torch.bfloat16)
+    D.shard(model, torch.bfloat16, cpu_offload)
     assert {p.dtype for p in model.parameters()} == {torch.float32}           # master weights
     computed = []
     model.model.layers[0].mlp.register_forward_hook(lambda mod, i, o: computed.append(mod.up_proj.weight.dtype))
