@@ -777,7 +777,10 @@ def _supervisor(isolated, bases, zygote_pid, taken_w, req_fd, res_fd, tag):
             result = {"output": "", "ok": False, "error": f"sandbox error: {_one_line(e)}"}
         result["id"] = req.get("id")
         _write_all(res_fd, (json.dumps(result) + "\n").encode())
-        os.write(taken_w, b"T")        # Z builds the next sandbox now, not while this one runs
+        try:
+            os.write(taken_w, b"T")    # Z builds the next sandbox now, not while this one runs
+        except BrokenPipeError:        # Z is gone (killed by the caller's deadline)
+            pass
     except BaseException:
         traceback.print_exc()                         # a bug in G: say where, on Z's stderr
     finally:
