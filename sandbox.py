@@ -115,6 +115,7 @@ SANDBOX_ID = 65534           # uid and gid of the cell ("nobody")
 SAFE_ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": "/tmp",
             "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
             "PYTHONDONTWRITEBYTECODE": "1", "PYTHONHASHSEED": "0"}
+SCRATCH_PARENT = "/tmp"      # scratch dirs: autocode-sandbox-<zygote pid>-*
 TAG = "AUTOCODE_SANDBOX_TAG"  # in every sandbox process's environment: the caller's pid
 FALLBACK_GAPS = (
     "no PID namespace: the cell sees every process and can signal the caller, the zygote and "
@@ -389,8 +390,12 @@ def _rmdir_retry(d, seconds=0.5):
 
 
 def sweep_cgroups(only_pid=None, patience=0.5):
-    """Kill what is left in, and remove, the cgroups of zygotes that are gone (or of `only_pid`).
-    A cgroup still busy after `patience` seconds is left for the next zygote's sweep."""
+    """Kill what is left in, and remove, the cgroups and scratch directories of zygotes that are
+    gone (or of `only_pid`). A cgroup still busy after `patience` s is left for the next sweep."""
+    for name in os.listdir(SCRATCH_PARENT):          # a supervisor killed before its cleanup
+        m = re.fullmatch(r"autocode-sandbox-(\d+)-\w+", name)
+        if m and (int(m.group(1)) == only_pid if only_pid is not None else not os.path.exists(f"/proc/{m.group(1)}")):
+            shutil.rmtree(f"{SCRATCH_PARENT}/{name}", ignore_errors=True)
     bases = _cgroup_bases()
     for base in bases["dirs"] if bases else []:
         for name in os.listdir(base):
@@ -729,14 +734,14 @@ class _Report:
 class _Sandbox:
     """What G keeps about the sandbox it built (R and W are forked with copies of it)."""
 
-    def __init__(self, isolated, tmpfs_mb, cgroup, tag):
+    def __init__(self, isolated, tmpfs_mb, cgroup, tag, zygote_pid):
         self.isolated, self.tmpfs_mb, self.cgroup, self.tag = isolated, tmpfs_mb, cgroup, tag
         self.req_r, self.req_w = os.pipe()            # G -> R: another tmpfs size, if asked
         self.w_req_r, self.w_req_w = os.pipe()        # G -> W: the request
         self.status_r, self.status_w = os.pipe()      # R -> G: how W ended (trusted)
         self.out_r, self.out_w = os.pipe()            # W -> G: the output
         self.report_r, self.report_w = os.pipe()      # W -> G: cell index, exception (untrusted)
-        self.scratch = tempfile.mkdtemp(prefix="autocode-sandbox-")
+        self.scratch = tempfile.mkdtemp(prefix=f"autocode-sandbox-{zygote_pid}-", dir=SCRATCH_PARENT)
         self.r = None
 
 
@@ -752,7 +757,7 @@ def _supervisor(isolated, bases, zygote_pid, taken_w, req_fd, res_fd, tag):
         _write("/proc/self/oom_score_adj", "-1000")   # the memory cgroup kills a cell, not G or R
     except OSError:
         pass
-    sb = _Sandbox(isolated, DEFAULTS["tmpfs_mb"], _Cgroup(bases, zygote_pid) if bases else None, tag)
+    sb = _Sandbox(isolated, DEFAULTS["tmpfs_mb"], _Cgroup(bases, zygote_pid) if bases else None, tag, zygote_pid)
     result = None
     try:
         if isolated:
