@@ -1,14 +1,18 @@
 """bench.py -- speed of the sampler and the sandbox, measured side by side in one run.
 
-  python bench.py sampler   # model.sample vs model.generate, batch 1 / 8 / 32, 128 new tokens
-  python bench.py code      # code-calling rollouts: model.sample vs generate + re-encode loop
-  python bench.py sandbox   # sandbox latency p50 vs `python -c`, and a 64-cell batch
-  python bench.py           # all three
+  python bench.py sampler     # model.sample vs model.generate, batch 8 / 32 / 128, 128 new tokens
+  python bench.py code        # code-calling rollouts: model.sample vs generate + re-encode loop
+  python bench.py continuous  # 256 prompts of mixed lengths: continuous batching vs fixed chunks
+  python bench.py sandbox     # sandbox latency p50 vs `python -c`, and a 64-cell batch
+  python bench.py             # all four
+  python bench.py sampler code continuous --device cuda --dtype bf16 --model random:.gpu/configs/<shape>
 
 Every number is printed next to its baseline from the same run on the same machine; the
 targets (issue text) are ratios, so they hold or fail here and now. No test asserts them.
 Both sides of each comparison decode greedily with EOS ignored (`min_new_tokens` for
 generate), so they produce the same number of tokens and the tokens/s compare work, not luck.
+Both sides run in the same dtype on the same device. On CUDA the sampler's decode step is a
+replayed CUDA graph (captured inside each call, so its capture time is in its numbers).
 """
 import argparse
 import os
@@ -33,19 +37,29 @@ CODE_QUESTIONS = [f"What is {a}**{b} + {c}**{d}?" for a, b, c, d in
                    (12, 6, 5, 10), (3, 15, 8, 6)]]
 
 
+def timed(fn, device):
+    """(result, seconds) of fn(), the device drained before and after."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    out = fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return out, time.perf_counter() - t
+
+
 def bench_sampler(model, tok, batches, new_tokens):
+    device = model.device
     print(f"\n== sampler vs generate: greedy, {new_tokens} new tokens, EOS ignored ==")
     print(f"{'batch':>5} {'generate tok/s':>15} {'sample tok/s':>13} {'ratio':>6} {'same tokens':>12}")
     for b in batches:
         prompts = [M.chat_prompt(tok, QUESTIONS[i % len(QUESTIONS)]) for i in range(b)]
-        ids, mask = M.left_pad(prompts, tok.pad_token_id)
-        t = time.perf_counter()
-        ref = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens,
-                             min_new_tokens=new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
-        t_gen = time.perf_counter() - t
-        t = time.perf_counter()
-        outs = M.sample(model, tok, prompts, max_new_tokens=new_tokens, greedy=True, code=False, ignore_eos=True)
-        t_ours = time.perf_counter() - t
+        ids, mask = (t.to(device) for t in M.left_pad(prompts, tok.pad_token_id))
+        ref, t_gen = timed(lambda: model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens,
+                                                  min_new_tokens=new_tokens, do_sample=False,
+                                                  pad_token_id=tok.pad_token_id), device)
+        outs, t_ours = timed(lambda: M.sample(model, tok, prompts, max_new_tokens=new_tokens, greedy=True,
+                                              code=False, ignore_eos=True), device)
         same = sum(o.response_ids == ref[i, ids.shape[1]:].tolist() for i, o in enumerate(outs))
         n = b * new_tokens
         print(f"{b:>5} {n / t_gen:>15.1f} {n / t_ours:>13.1f} {t_gen / t_ours:>5.2f}x {same:>8}/{b}")
@@ -71,10 +85,10 @@ def reencode_loop(model, tok, prompts, prefixes, max_new_tokens, max_code_calls=
                 new = input_ids[j, self.start:].tolist()
                 text = texts[i] + tok.decode(new)
                 stop.append(len(new) >= budget[i] or bool(M.CODE_BLOCK.search(text, scan[i])) or new[-1] in eos)
-            return torch.tensor(stop)
+            return torch.tensor(stop, device=input_ids.device)
 
     while active:
-        ids, mask = M.left_pad([ctx[i] for i in active], tok.pad_token_id)
+        ids, mask = (t.to(model.device) for t in M.left_pad([ctx[i] for i in active], tok.pad_token_id))
         out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max(budget[i] for i in active),
                              do_sample=False, pad_token_id=tok.pad_token_id,
                              stopping_criteria=StoppingCriteriaList([CloseOrBudget(active, ids.shape[1])]))
@@ -115,18 +129,35 @@ def bench_code(model, tok, n, new_tokens):
     prompts = [M.chat_prompt(tok, DEMO + "Question: " + CODE_QUESTIONS[i % len(CODE_QUESTIONS)]) for i in range(n)]
     prefix = tok("```python\na = ", add_special_tokens=False).input_ids
     sandbox.run_cells(["pass"])
-    t = time.perf_counter()
-    outs = M.sample(model, tok, prompts, [prefix] * n, max_new_tokens=new_tokens, greedy=True, ignore_eos=True)
-    t_ours = time.perf_counter() - t
-    t = time.perf_counter()
-    ref, calls = reencode_loop(model, tok, prompts, [prefix] * n, new_tokens)
-    t_ref = time.perf_counter() - t
+    outs, t_ours = timed(lambda: M.sample(model, tok, prompts, [prefix] * n, max_new_tokens=new_tokens, greedy=True,
+                                          ignore_eos=True), model.device)
+    (ref, calls), t_ref = timed(lambda: reencode_loop(model, tok, prompts, [prefix] * n, new_tokens), model.device)
     sampled = sum(o.n_sampled for o in outs)
     same = sum(o.response_ids == r for o, r in zip(outs, ref))
     print(f"code calls per rollout: {[len(o.code_calls) for o in outs]} (baseline {calls})")
     print(f"re-encode loop: {t_ref:6.1f} s  {sampled / t_ref:6.1f} sampled tok/s")
     print(f"model.sample:   {t_ours:6.1f} s  {sampled / t_ours:6.1f} sampled tok/s   "
           f"ratio {t_ref / t_ours:.2f}x   identical rollouts {same}/{n}")
+
+
+def bench_continuous(model, tok, n, width, new_tokens):
+    """Rows that end at different times (temperature 1, EOS on): fixed chunks of `width` wait
+    for their longest row; continuous batching gives a finished row's slot to the next prompt."""
+    print(f"\n== continuous batching: {n} prompts of mixed lengths, width {width}, temperature 1, "
+          f"up to {new_tokens} new tokens, EOS on ==")
+    prompts = [M.chat_prompt(tok, (DEMO if i % 3 == 0 else "") + QUESTIONS[i % len(QUESTIONS)] * (1 + i % 4))
+               for i in range(n)]
+    kw = dict(max_new_tokens=new_tokens, temperature=1.0, seed=0, code=False)
+    chunks, t_chunks = timed(lambda: [o for s in range(0, n, width)
+                                      for o in M.sample(model, tok, prompts[s:s + width], **kw)], model.device)
+    outs, t_cont = timed(lambda: M.sample(model, tok, prompts, batch_size=width, **kw), model.device)
+    lengths = sorted(len(p) for p in prompts)
+    print(f"prompt lengths {lengths[0]}..{lengths[-1]} tokens; sampled tokens per row "
+          f"{min(o.n_sampled for o in outs)}..{max(o.n_sampled for o in outs)}")
+    a, b = sum(o.n_sampled for o in chunks), sum(o.n_sampled for o in outs)
+    print(f"fixed chunks of {width}: {t_chunks:6.1f} s  {a / t_chunks:7.1f} sampled tok/s")
+    print(f"continuous, width {width}: {t_cont:6.1f} s  {b / t_cont:7.1f} sampled tok/s   ratio {t_chunks / t_cont:.2f}x "
+          f"(tokens/s ratio {(b / t_cont) / (a / t_chunks):.2f}x)")
 
 
 def bench_sandbox(reps):
@@ -165,17 +196,28 @@ def bench_sandbox(reps):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("what", nargs="*", help="any of: all sampler code sandbox (default: all)")
+    ap.add_argument("what", nargs="*", help="any of: all sampler code continuous sandbox (default: all)")
     ap.add_argument("--model", default=M.DEFAULT_MODEL)
     ap.add_argument("--dtype", default="fp32", choices=list(M.DTYPES))
-    ap.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
+    ap.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (both sides of every comparison run there)")
+    ap.add_argument("--batches", type=int, nargs="+", default=[8, 32, 128])
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--code-prompts", type=int, default=8)
+    ap.add_argument("--cb-prompts", type=int, default=256, help="prompts of the continuous-batching run")
+    ap.add_argument("--cb-width", type=int, default=64, help="batch width of the continuous-batching run")
     ap.add_argument("--reps", type=int, default=50)
     args = ap.parse_args()
     args.what = args.what or ["all"]
-    if set(args.what) - {"all", "sampler", "code", "sandbox"}:
-        ap.error(f"unknown benchmark in {args.what}: choose from all, sampler, code, sandbox")
+    if set(args.what) - {"all", "sampler", "code", "continuous", "sandbox"}:
+        ap.error(f"unknown benchmark in {args.what}: choose from all, sampler, code, continuous, sandbox")
+    if min(args.batches + [args.new_tokens, args.code_prompts, args.cb_prompts, args.cb_width, args.reps]) < 1:
+        ap.error("--batches, --new-tokens, --code-prompts, --cb-prompts, --cb-width and --reps must be positive")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        ap.error(f"--device: unknown device '{args.device}'")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        ap.error(f"--device {args.device}: CUDA is not available on this machine")
     for flag in ("--batches", "--new-tokens", "--code-prompts", "--reps"):
         value = getattr(args, flag[2:].replace("-", "_"))
         if min(value if isinstance(value, list) else [value]) < 1:
@@ -184,13 +226,17 @@ def main():
           f"cuda {torch.cuda.is_available()}")
     if {"all", "sandbox"} & set(args.what):
         bench_sandbox(args.reps)
-    if {"all", "sampler", "code"} & set(args.what):
-        model, tok = M.load_model(args.model, args.dtype)
-        print(f"model: {args.model} {args.dtype}")
+    if {"all", "sampler", "code", "continuous"} & set(args.what):
+        model, tok = M.load_model(args.model, args.dtype, args.device)
+        name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+        print(f"model: {args.model} {args.dtype} on {args.device} ({name})")
+        M.sample(model, tok, [M.chat_prompt(tok, "Hi")], max_new_tokens=2, code=False)     # warm up the kernels
         if {"all", "sampler"} & set(args.what):
             bench_sampler(model, tok, args.batches, args.new_tokens)
         if {"all", "code"} & set(args.what):
             bench_code(model, tok, args.code_prompts, args.new_tokens)
+        if {"all", "continuous"} & set(args.what):
+            bench_continuous(model, tok, args.cb_prompts, args.cb_width, args.new_tokens)
 
 
 if __name__ == "__main__":
