@@ -261,7 +261,10 @@ def micro_loss(model, mb, decide, ctx, args, stats):
         kl, _ = kl_term(logp, old, masks)
         loss = loss + args.kl_coef * kl / ctx["tokens"]
         ctx["terms"]["loss_kl"] += kl.item() / ctx["tokens"]
-    if args.algo == "em" and args.decision_coef and decide:
+    if args.algo == "em" and args.decision_coef and not decide and D.ENABLED:
+        zero = {c: 0.0 for c in ctx["prefixes"]}      # every rank runs the same forwards (collectives)
+        loss = loss + 0.0 * decision_term(model, [[0]], ctx["prefixes"], [zero])
+    elif args.algo == "em" and args.decision_coef and decide:
         d = decision_term(model, [ctx["record_of"][q]["prompt_ids"] for q in decide], ctx["prefixes"],
                           [ctx["record_of"][q]["s_star"] for q in decide], args.temperature, args.decision_form)
         d = d * args.decision_coef / ctx["queries"]
@@ -313,6 +316,7 @@ def m_step(model, tok, opt, items, records, args, rng):
         norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
         stats["grad_norm"].append(D.scalar(norm))
         opt.step()
+    opt.zero_grad(set_to_none=True)             # the gradients are not needed while sampling: free them
     bar.close()
     model.eval()
     mean = lambda v: sum(v) / len(v) if v else None  # noqa: E731
@@ -441,14 +445,15 @@ def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--algo", default="em", choices=["em", "rl", "sft"])
     ap.add_argument("--model", default=M.DEFAULT_MODEL)
-    ap.add_argument("--dtype", default="fp32", choices=list(M.DTYPES))
+    ap.add_argument("--dtype", default="bf16", choices=list(M.DTYPES),
+                    help="bf16: fp32 master weights and AdamW state, bf16 matrix products (~2.5x faster on CPU)")
     ap.add_argument("--device", default=None)
     ap.add_argument("--data", default="builtin:train")
     ap.add_argument("--train-size", type=int, default=2000, help="queries drawn from (built-in task size)")
-    ap.add_argument("--iterations", type=int, default=3)
-    ap.add_argument("--queries-per-iter", type=int, default=12)
+    ap.add_argument("--iterations", type=int, default=4)
+    ap.add_argument("--queries-per-iter", type=int, default=16)
     ap.add_argument("--epochs", type=int, default=1)
-    ap.add_argument("--lr", type=float, default=1e-6)
+    ap.add_argument("--lr", type=float, default=2e-5)
     ap.add_argument("--batch-size", type=int, default=4, help="sequences per forward (micro-batch)")
     ap.add_argument("--grad-accum", type=int, default=4, help="micro-batches per optimizer step")
     ap.add_argument("--max-grad-norm", type=float, default=1.0)
@@ -465,7 +470,7 @@ def parse_args(argv=None):
     ap.add_argument("--sample-batch", type=int, default=32, help="rollouts sampled together")
     ap.add_argument("--eval-every", type=int, default=1)
     ap.add_argument("--eval-data", default=None, help="default builtin:test when --data is builtin")
-    ap.add_argument("--eval-n", type=int, default=16)
+    ap.add_argument("--eval-n", type=int, default=32)
     ap.add_argument("--no-eval-first", dest="eval_first", action="store_false",
                     help="skip evaluating the untrained model as iteration 0")
     ap.add_argument("--eval-modes", nargs="+", default=list(E.MODES), choices=list(E.MODES))
@@ -479,7 +484,7 @@ def parse_args(argv=None):
     ap.add_argument("--save-dtype", default="fp32", choices=["fp32", "bf16"],
                     help="the checkpoint is always fp32 (what resume needs); bf16 also writes checkpoint/export-bf16")
     X.add_args(ap)
-    ap.set_defaults(max_new_tokens=256)
+    ap.set_defaults(max_new_tokens=64)
     args = ap.parse_args(argv)
     if args.cpu_offload and not args.fsdp:
         ap.error("--cpu-offload shards with FSDP2: add --fsdp (torchrun --nproc_per_node 1 works)")

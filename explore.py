@@ -154,8 +154,8 @@ def add_args(ap):
     ap.add_argument("--keep", type=int, default=None, help="rollouts kept per query (default k)")
     ap.add_argument("--cot-prefix", default=E.MODES["cot"]["prefix"])
     ap.add_argument("--code-prefix", default=E.MODES["code"]["prefix"])
-    ap.add_argument("--max-new-tokens", type=int, default=384)
-    ap.add_argument("--temperature", type=float, default=1.0)
+    ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument("--temperature", type=float, default=0.5)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-fewshot", dest="fewshot", action="store_false", help="drop evaluate.FEWSHOT")
 

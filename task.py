@@ -151,13 +151,15 @@ def problems(split="train", n=200, groups=("compute", "easy"), seed=0):
     return out
 
 
-def measure(model, tok, per_kind=8, k=4, native_k=4, max_new_tokens=128, seed=0, groups=("compute", "easy", "hard")):
+def measure(model, tok, per_kind=8, k=4, native_k=4, max_new_tokens=64, temperature=0.5, seed=0,
+            groups=("compute", "easy", "hard")):
     """q_hat(cot), q_hat(code) and the native code rate per kind, from the E-step's own
     prefix-forced rollouts (explore.explore), for the table in the README."""
     import explore as X
     n_kinds = sum(g in groups for g, _ in KINDS.values())
     probs = problems("train", per_kind * n_kinds, groups, seed)
-    records = X.explore(model, tok, probs, k=k, native_k=native_k, max_new_tokens=max_new_tokens, seed=seed)
+    records = X.explore(model, tok, probs, k=k, native_k=native_k, max_new_tokens=max_new_tokens,
+                        temperature=temperature, seed=seed)
     kind_of = {p["id"]: p["subject"] for p in probs}
     rows = {}
     for r in records:
@@ -182,7 +184,8 @@ def main():
     ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     ap.add_argument("--per-kind", type=int, default=8)
     ap.add_argument("--k", type=int, default=4)
-    ap.add_argument("--max-new-tokens", type=int, default=128)
+    ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument("--temperature", type=float, default=0.5)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     split, groups = parse_name(args.data)
@@ -192,9 +195,8 @@ def main():
         return
     import json
     import model as M
-    model, tok = M.load_model(args.model, args.dtype, "cpu")
-    table = measure(model, tok, args.per_kind, args.k, args.k, args.max_new_tokens, args.seed,
-                    groups=("compute", "easy", "hard"))
+    model, tok = M.load_model(args.model, args.dtype, "cuda" if __import__("torch").cuda.is_available() else "cpu")
+    table = measure(model, tok, args.per_kind, args.k, args.k, args.max_new_tokens, args.temperature, args.seed)
     print(f"\n| kind | group | q_hat(cot) | q_hat(code) | native code rate |\n|---|---|---|---|---|")
     for kind, t in table.items():
         print(f"| {kind} | {t['group']} | {t['q_hat_cot']:.2f} | {t['q_hat_code']:.2f} | {t['native_code_rate']:.2f} |")

@@ -316,4 +316,4 @@ def test_sampler_gets_a_bf16_copy_and_the_master_stays_fp32(tiny):
     view = T.sampler_of(tiny, args)
     assert view is not tiny and next(view.parameters()).dtype == torch.bfloat16
     assert next(tiny.parameters()).dtype == torch.float32
-    assert T.sampler_of(tiny, T.parse_args(["--model", "tiny"])) is tiny
+    assert T.sampler_of(tiny, T.parse_args(["--model", "tiny", "--dtype", "fp32"])) is tiny
