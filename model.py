@@ -407,7 +407,8 @@ class SlotCache:
         self.capacity = capacity
 
     def move(self, src, dst, length):
-        """Copy a row's cache from slot src to slot dst (keeps the live slots 0..n-1)."""
+        """Copy a row's first `length` columns from slot src to slot dst (an int, or a list of
+        slots: a shared prompt prefix)."""
         for buffers in (self.k, self.v):
             for t in buffers:
                 t[dst, :, :length] = t[src, :, :length]
@@ -567,8 +568,39 @@ class _Sampler:
 
     # -- forwards ------------------------------------------------------------------------
     def prefill(self, part):
-        """One forward over the rows in `part` that have several tokens to feed (a prompt, an
-        output block), left-padded to one length; padding writes to the scratch column."""
+        """Feed the rows in `part` that have several tokens to feed (a prompt, an output
+        block) and draw each one's next token."""
+        fresh = [r for r in part if r.length == 0]
+        self.share(fresh)                                   # e.g. a few-shot demonstration
+        same = {}
+        for r in fresh:
+            same.setdefault(tuple(r.feed), []).append(r)
+        for rows in same.values():                          # e.g. k rollouts of one prompt
+            self.share(rows)
+        logits = self.forward(part)
+        keys = torch.tensor([r.key for r in part], device=self.device)
+        token, logp = self.draw(logits, keys, torch.tensor([r.n_new for r in part], device=self.device))
+        return token.tolist(), logp.tolist()
+
+    def share(self, rows):
+        """Rows at the same length whose feeds open with the same tokens: run those tokens once,
+        in the first row's slot, and copy its keys and values to the others."""
+        if len(rows) < 2:
+            return
+        n = min(len(os.path.commonprefix([r.feed for r in rows])), min(len(r.feed) for r in rows) - 1)
+        if n < 1:
+            return
+        first, feed = rows[0], rows[0].feed
+        first.feed = feed[:n]
+        self.forward([first])
+        first.feed = feed
+        self.cache.move(self.rows.index(first), [self.rows.index(r) for r in rows[1:]], first.length)
+        for r in rows:
+            r.feed, r.length = r.feed[n:], first.length
+
+    def forward(self, part):
+        """One forward over the feeds of `part`, left-padded to one length (padding writes to
+        the scratch column); returns each row's last logits."""
         slots = [self.rows.index(r) for r in part]
         size = max(len(r.feed) for r in part)
         self.fit(max(r.length + len(r.feed) for r in part))
@@ -579,17 +611,13 @@ class _Sampler:
             ids[j, size - n:] = torch.tensor(r.feed)
             pos[j, size - n:] = torch.arange(r.length, r.length + n)
             real[j, size - n:] = True
+            r.length += n
         ids, pos, real = ids.to(self.device), pos.to(self.device), real.to(self.device)
         width = int(pos.max()) + 1
         self.cache.plan(torch.tensor(slots, device=self.device), pos.masked_fill(~real, self.cache.capacity), width)
         mask = _attention_mask(pos, real, width, self.step.dtype)
-        logits = self.model(input_ids=ids, position_ids=pos, attention_mask=mask, cache=self.cache,
-                            use_cache=True, logits_to_keep=1).logits[:, -1]
-        keys = torch.tensor([r.key for r in part], device=self.device)
-        token, logp = self.draw(logits, keys, torch.tensor([r.n_new for r in part], device=self.device))
-        for r in part:
-            r.length += len(r.feed)
-        return token.tolist(), logp.tolist()
+        return self.model(input_ids=ids, position_ids=pos, attention_mask=mask, cache=self.cache,
+                          use_cache=True, logits_to_keep=1).logits[:, -1]
 
     def decode(self, part):
         """One token for each row in `part`; every other slot idles on the scratch column."""
