@@ -175,6 +175,40 @@ def measure(model, tok, per_kind=8, k=4, native_k=4, max_new_tokens=64, temperat
     return table
 
 
+def table_from_explore(paths, data="builtin:train", pool_size=2000):
+    """The same per-kind table from E-step records already on disk (em_train.py's
+    explore-iter1.jsonl holds the untrained model's rollouts): no sampling needed. `data`
+    and `pool_size` must be the run's --data and --train-size (they fix which id is which kind)."""
+    import json
+    split, groups = parse_name(data)
+    pool = {p["id"]: p for p in problems(split, pool_size, groups)}
+    rows = {}
+    for path in paths:
+        with open(path) as f:
+            for r in map(json.loads, f):
+                kind = pool[r["query_id"]]["subject"]
+                row = rows.setdefault(kind, {"cot": [], "code": [], "native": {}})
+                row[r["decision"]].append(r["reward"])
+                row["native"][(path, r["query_id"])] = r["native_code_rate"]
+    return {kind: {"group": KINDS[kind][0], "q_hat_cot": sum(row["cot"]) / len(row["cot"]),
+                   "q_hat_code": sum(row["code"]) / len(row["code"]), "rollouts_per_decision": len(row["cot"]),
+                   "native_code_rate": _mean(v for v in row["native"].values() if v is not None)}
+            for kind, row in sorted(rows.items(), key=lambda kv: (KINDS[kv[0]][0], kv[0]))}
+
+
+def _mean(values):
+    v = list(values)
+    return sum(v) / len(v) if v else None
+
+
+def print_table(table):
+    fmt = lambda x: "-" if x is None else f"{x:.2f}"   # noqa: E731
+    print("| kind | group | q_hat(cot) | q_hat(code) | native code rate | rollouts per decision |\n|---|---|---|---|---|---|")
+    for kind, t in table.items():
+        print(f"| {kind} | {t['group']} | {fmt(t['q_hat_cot'])} | {fmt(t['q_hat_code'])} | "
+              f"{fmt(t['native_code_rate'])} | {t.get('rollouts_per_decision', '-')} |")
+
+
 def main():
     ap = argparse.ArgumentParser(description="The built-in task: list problems, or measure q_hat per kind.")
     ap.add_argument("--data", default="builtin:train")
@@ -187,7 +221,10 @@ def main():
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--temperature", type=float, default=0.5)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--from-explore", nargs="+", metavar="JSONL", help="tabulate E-step records instead of sampling")
     args = ap.parse_args()
+    if args.from_explore:
+        return print_table(table_from_explore(args.from_explore, args.data))
     split, groups = parse_name(args.data)
     if not args.measure:
         for p in problems(split, args.show, groups):
@@ -197,9 +234,7 @@ def main():
     import model as M
     model, tok = M.load_model(args.model, args.dtype, "cuda" if __import__("torch").cuda.is_available() else "cpu")
     table = measure(model, tok, args.per_kind, args.k, args.k, args.max_new_tokens, args.temperature, args.seed)
-    print(f"\n| kind | group | q_hat(cot) | q_hat(code) | native code rate |\n|---|---|---|---|---|")
-    for kind, t in table.items():
-        print(f"| {kind} | {t['group']} | {t['q_hat_cot']:.2f} | {t['q_hat_code']:.2f} | {t['native_code_rate']:.2f} |")
+    print_table(table)
     print(json.dumps({"model": args.model, "per_kind": args.per_kind, "k": args.k, "table": table}))
 
 

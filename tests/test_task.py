@@ -79,3 +79,18 @@ def test_hard_kinds_are_right():
                                                    for k in range(2, n + 1))
     n, d = map(int, re.findall(r"\d+", ps["count_divisible"]["question"])[1:3])
     assert int(ps["count_divisible"]["answer"]) == sum(1 for x in range(1, n + 1) if x % d == 0 and x % (d + 1))
+
+
+def test_table_from_explore_groups_rewards_by_kind(tmp_path):
+    import json
+    pool = task.problems("train", 16)
+    path = tmp_path / "explore-iter1.jsonl"
+    with open(path, "w") as f:
+        for p in pool[:2]:                          # kinds mul_3digit and sum_many
+            for decision, reward in (("cot", 0.0), ("code", 1.0), ("code", 0.0)):
+                f.write(json.dumps({"query_id": p["id"], "decision": decision, "reward": reward,
+                                    "native_code_rate": 0.5}) + "\n")
+    table = task.table_from_explore([str(path)], "builtin:train", 16)
+    assert set(table) == {pool[0]["subject"], pool[1]["subject"]}
+    row = table[pool[0]["subject"]]
+    assert row["q_hat_cot"] == 0.0 and row["q_hat_code"] == 0.5 and row["native_code_rate"] == 0.5
