@@ -10,8 +10,8 @@ Building blocks, top to bottom:
   load_model(name)      -- `smollm2-135m` (default, embedded GGUF), `tiny` (random weights,
                            real tokenizer), short Qwen names, hub ids, local directories.
   chat_prompt(...)      -- the token ids of one question in the model's chat format.
-  sample(...)           -- a from-scratch sampler over model.forward and its KV cache
-                           (no `generate`): batched, left-padded, greedy/temperature/top-p/
+  sample(...)           -- a from-scratch sampler over model.forward and its own KV cache
+                           (no `generate`): continuous batching, greedy/temperature/top-p/
                            top-k, stop strings, a forced response prefix per prompt, code
                            interleaving inside the same cache, behaviour log-probs.
   sequence_logprobs(...) -- teacher-forced log-probs of recorded responses (the M-step's
@@ -30,12 +30,16 @@ Choices the paper does not make (each is a flag or an argument):
     variables carry over as in a notebook; a block that timed out resets that state and
     the next output says so.
 
-How the cache stays consistent when rows need different numbers of tokens: every forward
-appends the same number of columns to every row; a row that has nothing to feed (paused on
-its code, or not part of an insertion) gets masked padding columns, and each real token's
-position id is the count of real tokens before it. Execution outputs are fed in a separate
-forward over only the rows that need them, so an insertion costs that row, not the batch.
-Finished rows are dropped from the batch.
+How the sampler is laid out (SlotCache, _Row, _Sampler, the loop in `sample`): the KV cache is
+preallocated, one slot per batch row, and a row's tokens sit at columns 0..length-1, so a
+token's column is its position and no row carries padding. Each turn of the loop (1) gives
+finished rows' slots to waiting prompts and keeps the live rows in slots 0..n-1, (2) takes the
+outputs of finished executions, (3) feeds every row with several tokens to feed (a new prompt,
+an output block) in one left-padded forward, running a prefix that fresh rows share only once,
+and (4) steps every other live row by one token; a row paused on its code idles in its slot
+while the others decode. On CUDA the one-token step is a CUDA graph per batch-width bucket.
+Prompt i draws from its own counter-based random stream keyed by (seed, i), so which rows step
+together (the sandbox's timing, the batch width) cannot change its tokens.
 
 Run:  python model.py --model tiny --question "What is 123*457?"
       python model.py --question "Compute 2**100 with python." --prefix "```python\\n"
@@ -724,6 +728,8 @@ def sample(model, tok, prompts, prefixes=None, *, max_new_tokens=512, temperatur
     prefixes = prefixes or [[] for _ in prompts]
     if any(not p and not f for p, f in zip(prompts, prefixes)):
         raise ValueError("sample: every prompt needs at least one token (prompt or prefix)")
+    if batch_size is not None and batch_size < 1:
+        raise ValueError(f"sample: batch_size must be at least 1, got {batch_size}")
     if not prompts:
         return []
     width = min(batch_size or len(prompts), len(prompts))
