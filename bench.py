@@ -209,9 +209,10 @@ def main():
     args = ap.parse_args()
     args.what = args.what or ["all"]
     if set(args.what) - {"all", "sampler", "code", "continuous", "sandbox"}:
-        ap.error(f"unknown benchmark in {args.what}: choose from all, sampler, code, continuous, sandbox")
+        raise SystemExit(f"error: unknown benchmark in {args.what}: choose from all, sampler, code, continuous, sandbox")
     if min(args.batches + [args.new_tokens, args.code_prompts, args.cb_prompts, args.cb_width, args.reps]) < 1:
-        ap.error("--batches, --new-tokens, --code-prompts, --cb-prompts, --cb-width and --reps must be positive")
+        raise SystemExit("error: --batches, --new-tokens, --code-prompts, --cb-prompts, --cb-width and --reps "
+                         "must be at least 1")
     try:
         device = torch.device(args.device)
     except RuntimeError:
