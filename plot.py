@@ -71,11 +71,15 @@ def figure(runs, out):
         return None
     fig, axes = plt.subplots(1, len(PANELS), figsize=(4 * len(PANELS), 3.4))
     colors = {"em": "tab:blue", "rl": "tab:orange", "sft": "tab:green"}
+    styles = ["-", "--", ":", "-."]                 # the n-th run of an algorithm (its seeds)
+    nth = {}
+    for run in runs:
+        nth[run["name"]] = sum(r["algo"] == run["algo"] for r in runs[:runs.index(run)])
     for ax, (key, label) in zip(axes, PANELS):
         for run in runs:
             xs = sorted(i for i, r in run["evals"].items() if r.get(key) is not None)
             ax.plot(xs, [run["evals"][i][key] for i in xs], marker="o", label=run["name"],
-                    color=colors.get(run["algo"]), alpha=0.85)
+                    color=colors.get(run["algo"]), linestyle=styles[nth[run["name"]] % len(styles)], alpha=0.85)
         ax.set_title(label, fontsize=10)
         ax.set_xlabel("EM iteration (0 = untrained)")
         ax.set_ylim(-0.03, 1.03)
