@@ -230,8 +230,9 @@ def plan_step(step, batch_size, ctx, args):
     for j, mb in enumerate(micro):
         for it in mb:
             first.setdefault(it["query_id"], j)
-    use = lambda q: args.algo == "em" and (args.decision_queries == "all" or informative(ctx["record_of"][q]))  # noqa
-    decide = [[q for q, j0 in first.items() if j0 == j and use(q)] for j in range(len(micro))]
+    def carries_decision(q):
+        return args.algo == "em" and (args.decision_queries == "all" or informative(ctx["record_of"][q]))
+    decide = [[q for q, j0 in first.items() if j0 == j and carries_decision(q)] for j in range(len(micro))]
     ctx.update(units=max(1, sum(sum(it["mask"]) if per_token else 1 for it in step)),
                tokens=max(1, sum(sum(it["mask"]) for it in step)), queries=max(1, len(first)))
     return micro, decide

@@ -241,6 +241,15 @@ def _children(pid):
     return kids
 
 
+def _sigkill(pids):
+    """SIGKILL each pid; one that is already gone is not an error."""
+    for p in pids:
+        try:
+            os.kill(p, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
 def _kill_descendants():
     """SIGKILL every child, wait for it, repeat: as a child subreaper this process inherits the
     orphans of each one it kills, so the loop reaches the whole tree, setsid'd or not."""
@@ -248,11 +257,7 @@ def _kill_descendants():
         kids = _children(os.getpid())
         if not kids:
             return
-        for k in kids:
-            try:
-                os.kill(k, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        _sigkill(kids)
         for k in kids:
             try:
                 os.waitpid(k, 0)
@@ -367,11 +372,7 @@ def _kill_cgroup(d):
         pids = [p for p in _cgroup_pids(d) if p != os.getpid()]
         if not pids:
             return
-        for p in pids:
-            try:
-                os.kill(p, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        _sigkill(pids)
         time.sleep(0.001)
 
 
