@@ -21,6 +21,11 @@ For each query x of the batch (paper section 2, "E-step" and "structured explora
         softmax   exp(alpha * pi * q_hat) / Z            (ACL version, Eq. 5; --alpha)
         posterior pi * q_hat / Z                          (the exact E-step; uniform if all 0)
         hardmax   the decision with the larger pi*q_hat   (v1, alpha = infinity; ties -> cot)
+     Ties in q_hat (`--ties`, a choice of ours: the paper is silent). When both decisions
+     succeeded equally often, and at all, pi*Q prefers whichever the policy already leans
+     to, so nothing ever teaches "words suffice here". The paper's selection-accuracy oracle
+     prefers CoT when both succeed (no execution needed), so by default (`--ties cot`) such a
+     query gets s_star = CoT. `--ties none` leaves them to the formula above.
   7. Subsample `--keep` rollouts from the pooled 2K with weights s_star(c|x) / K, without
      replacement (failed rollouts stay eligible: the whitened advantage needs them).
 
@@ -47,8 +52,10 @@ import model as M
 DECISIONS = ("cot", "code")
 
 
-def reference_strategy(pi, q_hat, estep="softmax", alpha=5.0):
+def reference_strategy(pi, q_hat, estep="softmax", alpha=5.0, ties="cot"):
     """s_star(c|x) for c in DECISIONS from pi(c|x) and q_hat(x,c) (dicts keyed by decision)."""
+    if ties == "cot" and tied_success(q_hat):
+        return {c: float(c == "cot") for c in DECISIONS}
     score = {c: pi[c] * q_hat[c] for c in DECISIONS}
     if estep == "softmax":             # max-subtracted: exp never overflows, whatever alpha
         top = max(alpha * score[c] for c in DECISIONS)
@@ -61,6 +68,11 @@ def reference_strategy(pi, q_hat, estep="softmax", alpha=5.0):
         best = max(DECISIONS, key=lambda c: (score[c], c == "cot"))
         return {c: float(c == best) for c in DECISIONS}
     raise ValueError(f"unknown --estep {estep}")
+
+
+def tied_success(q_hat):
+    """Both decisions succeeded, equally often: the oracle's tie (words are cheaper)."""
+    return q_hat["cot"] == q_hat["code"] > 0
 
 
 def weighted_subsample(weights, keep, rng):
@@ -81,7 +93,7 @@ def prefix_prior(model, tok, prompt, prefixes):
 
 def explore(model, tok, problems, k=4, native_k=2, estep="softmax", alpha=5.0, prior="native", keep=None,
             prefixes_text=None, max_new_tokens=384, temperature=1.0, seed=0, batch_size=32, fewshot=True,
-            progress=True):
+            progress=True, ties="cot"):
     """Run the E-step over `problems`; return one record per rollout (see the docstring).
     Rollouts of all queries for one decision are sampled together, `batch_size` at a time.
     Sampling is plain temperature sampling (no top-p / top-k): the M-step's teacher-forced
@@ -125,7 +137,7 @@ def explore(model, tok, problems, k=4, native_k=2, estep="softmax", alpha=5.0, p
             pi = {"cot": 1.0 - rate, "code": rate}
         else:
             pi = {c: 1.0 / len(DECISIONS) for c in DECISIONS}
-        s_star = reference_strategy(pi, q_hat, estep, alpha)
+        s_star = reference_strategy(pi, q_hat, estep, alpha, ties)
         kept = set(weighted_subsample([s_star[c] / k for c, _ in pool], keep, rng))
         for j, ((c, o), r) in enumerate(zip(pool, rewards)):
             records.append({
@@ -150,6 +162,8 @@ def add_args(ap):
     ap.add_argument("--native-k", type=int, default=2, help="unforced rollouts per query, to estimate pi(c|x)")
     ap.add_argument("--estep", default="softmax", choices=["softmax", "posterior", "hardmax"])
     ap.add_argument("--alpha", type=float, default=5.0)
+    ap.add_argument("--ties", default="cot", choices=["cot", "none"],
+                    help="s_star when both decisions succeeded equally often: CoT (the oracle's rule), or the formula")
     ap.add_argument("--prior", default="native", choices=["native", "prefix", "uniform"])
     ap.add_argument("--keep", type=int, default=None, help="rollouts kept per query (default k)")
     ap.add_argument("--cot-prefix", default=E.MODES["cot"]["prefix"])
@@ -197,7 +211,7 @@ def main(argv=None):
     model, tok = M.load_model(args.model, args.dtype, device)
     records = explore(model, tok, problems, args.k, args.native_k, args.estep, args.alpha, args.prior, args.keep,
                       {"cot": args.cot_prefix, "code": args.code_prefix}, args.max_new_tokens, args.temperature,
-                      args.seed, fewshot=args.fewshot)
+                      args.seed, fewshot=args.fewshot, ties=args.ties)
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     write_jsonl_atomic(args.out, records)
     by = {}

@@ -2,6 +2,7 @@
 an exact resume."""
 import json
 import os
+import sys
 
 import pytest
 import torch
@@ -189,13 +190,25 @@ def test_step_gradient_does_not_depend_on_micro_batching(tiny, tok):
 
 
 def test_uninformative_queries_do_not_move_the_decision(tiny, tok):
-    """All rewards 0: no advantage, no evidence about c, so by default no gradient at all;
-    the literal form (--decision-queries all) still trains the prefixes."""
+    """All rewards 0, or all 1 under --ties none: no advantage, no evidence about c, so by
+    default no gradient at all; the literal form (--decision-queries all) still trains the
+    prefixes."""
     records = step_records(tiny, tok, [[0.0, 0.0, 0.0], [1.0, 1.0, 1.0]])
-    g, terms = step_gradient(tiny, tok, records, args_for(batch_size=2))
+    g, terms = step_gradient(tiny, tok, records, args_for(batch_size=2, ties="none"))
     assert terms["loss_decision"] == 0 and g.abs().max() == 0
-    g_all, terms_all = step_gradient(tiny, tok, records, args_for(batch_size=2, decision_queries="all"))
+    g_all, terms_all = step_gradient(tiny, tok, records, args_for(batch_size=2, ties="none", decision_queries="all"))
     assert terms_all["loss_decision"] != 0 and g_all.abs().max() > 0
+
+
+def test_a_successful_tie_trains_the_decision_under_ties_cot(tiny, tok):
+    """Both decisions always right (--ties cot, the default): evidence that words suffice, so
+    that query's decision term is on; the all-wrong query still adds nothing."""
+    failed = step_records(tiny, tok, [[0.0, 0.0, 0.0]])
+    g, terms = step_gradient(tiny, tok, failed, args_for(batch_size=2))
+    assert terms["loss_decision"] == 0 and g.abs().max() == 0
+    both = step_records(tiny, tok, [[0.0, 0.0, 0.0], [1.0, 1.0, 1.0]])
+    g, terms = step_gradient(tiny, tok, both, args_for(batch_size=2))
+    assert terms["loss_decision"] != 0 and g.abs().max() > 0
 
 
 def test_normalised_decision_term_is_cross_entropy(tiny, tok):
@@ -317,3 +330,23 @@ def test_sampler_gets_a_bf16_copy_and_the_master_stays_fp32(tiny):
     assert view is not tiny and next(view.parameters()).dtype == torch.bfloat16
     assert next(tiny.parameters()).dtype == torch.float32
     assert T.sampler_of(tiny, T.parse_args(["--model", "tiny", "--dtype", "fp32"])) is tiny
+
+
+def test_release_freed_memory_returns_heap_holes_to_the_os():
+    """Freed tensors below glibc's mmap threshold stay in the heap (resident) while a live one
+    sits among them; release_freed_memory must hand those pages back."""
+    if not sys.platform.startswith("linux"):
+        pytest.skip("malloc_trim is glibc's")
+
+    def rss_mb():
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
+    T.release_freed_memory()
+    held = [torch.ones(12_000 + 8 * (i % 5)) for i in range(4000)]    # ~48 KB each, ~190 MB, touched
+    pins = held[::100]                         # a few stay alive among them: free() alone cannot trim
+    del held
+    before = rss_mb()
+    T.release_freed_memory()
+    after = rss_mb()
+    assert before - after > 100, (before, after)
+    del pins

@@ -16,6 +16,19 @@ def test_hardmax_picks_larger_pi_times_q():
     assert s == {"cot": 1.0, "code": 0.0}                     # ties go to CoT
 
 
+@pytest.mark.parametrize("estep", ["softmax", "posterior", "hardmax"])
+def test_a_successful_tie_goes_to_cot_whatever_the_prior(estep):
+    """Both decisions right equally often: the oracle's rule (words suffice) beats pi*Q, which
+    would follow a policy leaning to code; --ties none leaves the formula alone."""
+    pi = {"cot": 0.25, "code": 0.75}
+    assert X.reference_strategy(pi, {"cot": 1.0, "code": 1.0}, estep) == {"cot": 1.0, "code": 0.0}
+    assert X.reference_strategy(pi, {"cot": 0.5, "code": 0.5}, estep) == {"cot": 1.0, "code": 0.0}
+    literal = X.reference_strategy(pi, {"cot": 1.0, "code": 1.0}, estep, ties="none")
+    assert literal["code"] > literal["cot"]
+    failed = X.reference_strategy(pi, {"cot": 0.0, "code": 0.0}, estep)   # no success: no evidence for words
+    assert failed == X.reference_strategy(pi, {"cot": 0.0, "code": 0.0}, estep, ties="none")
+
+
 def test_posterior_is_proportional():
     s = X.reference_strategy({"cot": 0.6, "code": 0.4}, {"cot": 0.5, "code": 1.0}, "posterior")
     assert s["code"] / s["cot"] == pytest.approx((0.4 * 1.0) / (0.6 * 0.5))
@@ -64,7 +77,7 @@ def test_explore_tiny_end_to_end(tiny, tok):
 def test_softmax_survives_a_huge_alpha():
     s = X.reference_strategy({"cot": 0.5, "code": 0.5}, {"cot": 0.25, "code": 1.0}, "softmax", alpha=1000)
     assert s["code"] == pytest.approx(1.0) and s["cot"] >= 0
-    s = X.reference_strategy({"cot": 0.5, "code": 0.5}, {"cot": 1.0, "code": 1.0}, "softmax", alpha=1e6)
+    s = X.reference_strategy({"cot": 0.5, "code": 0.5}, {"cot": 1.0, "code": 1.0}, "softmax", alpha=1e6, ties="none")
     assert s == {"cot": 0.5, "code": 0.5}
 
 

@@ -82,7 +82,8 @@ def test_plan_command_prints_the_three_models():
 # Activation checkpointing
 # ---------------------------------------------------------------------------------------
 def test_grad_ckpt_flag_gives_the_same_loss_and_gradients_and_recomputes(tok):
-    assert T.parse_args(["--grad-ckpt"]).grad_ckpt and not T.parse_args([]).grad_ckpt
+    assert T.parse_args([]).grad_ckpt and T.parse_args(["--grad-ckpt"]).grad_ckpt
+    assert not T.parse_args(["--no-grad-ckpt"]).grad_ckpt
     model = M.tiny_model(tok, seed=3).train()
     calls, mlp = [], model.model.layers[0].mlp
     inner = mlp.forward
