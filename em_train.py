@@ -13,15 +13,17 @@ Each iteration (paper section 2, "M-step" and "loop"):
      forced prefix and execution output are masked out); A = the rewards of one query's
      rollouts whitened by their mean and std (all-equal rewards give A = 0). This is a bare
      clip of the ratio times A, as transcribed from the paper, not PPO's min.
-     log pi_theta(c|x), the decision-alignment term: the model's probability of decision
-     c's opening (its forcing prefix), normalised over the two decisions, so the term is a
-     cross-entropy between s_star and pi and moves only which opening the model prefers.
+     log pi_theta(c|x), the decision-alignment term: the model's probability of the token
+     where the two forcing prefixes part ("By" or "```"), normalised over the two decisions,
+     plus that of the rest of c's prefix, so the term is a cross-entropy between s_star and
+     the model's choice, and teaches each decision's opening without ever pushing it down
+     (`--decision-form`, see decision_logprobs).
      Both terms are normalised per optimiser step, whatever its split into micro-batches:
      the ratio term by the step's sampled tokens, the decision term by the step's queries,
      each query counted once (`plan_step`; a test checks the gradient is split-invariant).
      A query on which both decisions scored the same (all rewards equal included) says
      nothing about c, so by default it adds no decision term (`--decision-queries all`
-     restores the literal form, `--decision-form raw` the unnormalised prefix log-prob);
+     restores the literal form);
      the exception is a tie where both succeeded, which under `--ties cot` (default) is
      evidence that words suffice, the paper's oracle rule (explore.py).
   4. Log one JSON line of metrics, evaluate every `--eval-every`, checkpoint atomically.
@@ -137,22 +139,38 @@ def kl_term(logp, old, sampled):
     return total, n
 
 
-def decision_logprobs(model, prompts, prefixes, temperature=1.0, form="normalized"):
+def decision_logprobs(model, prompts, prefixes, temperature=1.0, form="opening"):
     """log pi_theta(c|x) for every prompt and decision, as a [queries, decisions] tensor.
 
-    form="normalized" (default): pi(c|x) is the model's preference between the decisions'
-    openings, p(prefix_c|x) normalised over c, so the decision term below is a cross-entropy
-    between s_star and pi and moves only the relative preference. form="raw": the summed
-    log-probability of each prefix, unnormalised, so the term also makes both openings more
-    likely whatever s_star says (prefix imitation)."""
+    form="opening" (default): the decision is made at the first token where the decisions'
+    prefixes differ (position d: "By" against "```" for the defaults). log pi(c|x) is that
+    token's log-probability normalised over the decisions, plus the log-probability of the
+    rest of c's prefix given it. The decision term below is then a cross-entropy between
+    s_star and the choice at d, plus "open decision c this way", weighted by s_star(c), which
+    only ever pushes up. form="normalized": the whole prefix's probability normalised over c;
+    a push towards CoT then also lowers p(`print(` | "```python"), i.e. it teaches the model
+    to write worse code when it does code (measured: after one iteration the greedy model
+    opened code blocks with `def` and never printed). form="raw": the summed log-probability
+    of each prefix, unnormalised, so the term also makes both openings more likely whatever
+    s_star says (prefix imitation)."""
     cs = list(prefixes)
     lps = M.sequence_logprobs(model, [p for p in prompts for _ in cs], [prefixes[c] for _ in prompts for c in cs],
                               temperature)
-    logp = torch.stack([lp.sum() for lp in lps]).reshape(len(prompts), len(cs))
-    return torch.log_softmax(logp, dim=1) if form == "normalized" else logp
+    rows = [lps[i * len(cs):(i + 1) * len(cs)] for i in range(len(prompts))]
+    total = torch.stack([torch.stack([lp.sum() for lp in row]) for row in rows])
+    if form == "raw":
+        return total
+    if form == "normalized":
+        return torch.log_softmax(total, dim=1)
+    d = len(os.path.commonprefix([prefixes[c] for c in cs]))
+    if any(d >= len(prefixes[c]) for c in cs):
+        raise ValueError("decision prefixes must differ at a token both have (one is a prefix of the other)")
+    choice = torch.stack([torch.stack([lp[d] for lp in row]) for row in rows])
+    rest = torch.stack([torch.stack([lp[d + 1:].sum() for lp in row]) for row in rows])
+    return torch.log_softmax(choice, dim=1) + rest
 
 
-def decision_term(model, prompts, prefixes, s_star, temperature=1.0, form="normalized"):
+def decision_term(model, prompts, prefixes, s_star, temperature=1.0, form="opening"):
     """-sum_c s_star(c|x) * log pi_theta(c|x), summed over the given queries."""
     logp = decision_logprobs(model, prompts, prefixes, temperature, form)
     weights = torch.tensor([[s[c] for c in prefixes] for s in s_star], dtype=logp.dtype, device=logp.device)
@@ -483,8 +501,9 @@ def parse_args(argv=None):
     ap.add_argument("--max-grad-norm", type=float, default=1.0)
     ap.add_argument("--clip-eps", type=float, default=0.2)
     ap.add_argument("--decision-coef", type=float, default=1.0, help="lambda")
-    ap.add_argument("--decision-form", default="normalized", choices=["normalized", "raw"],
-                    help="log pi(c|x): prefix probability normalised over the decisions, or the raw prefix log-prob")
+    ap.add_argument("--decision-form", default="opening", choices=["opening", "normalized", "raw"],
+                    help="log pi(c|x): the deciding token normalised over the decisions plus the rest of the "
+                         "prefix (opening), the whole prefix normalised, or the raw prefix log-prob")
     ap.add_argument("--decision-queries", default="informative", choices=["informative", "all"],
                     help="train pi(c|x) only on queries whose decisions scored differently, or on all (literal)")
     ap.add_argument("--is-mode", default="surrogate", choices=["surrogate", "weighted_nll"])

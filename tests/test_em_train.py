@@ -221,14 +221,40 @@ def test_normalised_decision_term_is_cross_entropy(tiny, tok):
         lp = M.sequence_logprobs(tiny, [prompt, prompt], [prefixes["cot"], prefixes["code"]])
         raw = torch.stack([lp[0].sum(), lp[1].sum()])
         pi = torch.softmax(raw, 0)
-        d = T.decision_term(tiny, [prompt], prefixes, [{"cot": 0.25, "code": 0.75}])
+        d = T.decision_term(tiny, [prompt], prefixes, [{"cot": 0.25, "code": 0.75}], form="normalized")
     assert d.item() == pytest.approx(-(0.25 * torch.log(pi[0]) + 0.75 * torch.log(pi[1])).item(), rel=1e-5)
     s_eq = [{"cot": float(pi[0]), "code": float(pi[1])}]
     tiny.zero_grad(set_to_none=True)
-    T.decision_term(tiny, [prompt], prefixes, s_eq).backward()
+    T.decision_term(tiny, [prompt], prefixes, s_eq, form="normalized").backward()
     g = torch.cat([p.grad.flatten() for p in tiny.parameters() if p.grad is not None])
     tiny.zero_grad(set_to_none=True)
     assert g.abs().max() < 1e-5
+
+
+def test_opening_form_never_pushes_a_decisions_continuation_down(tiny, tok, monkeypatch):
+    """The default form: a cross-entropy at the token where the prefixes part, plus each
+    prefix's continuation weighted by s_star. A target of pure CoT must leave the code
+    prefix's continuation (`print(` after "```python") alone; the "normalized" form lowers it."""
+    prompt = M.chat_prompt(tok, "What is 2+2?")
+    prefixes = {"cot": tok("By hand: ", add_special_tokens=False).input_ids,
+                "code": tok("```python\nprint(", add_special_tokens=False).input_ids}
+    with torch.no_grad():
+        lp = M.sequence_logprobs(tiny, [prompt, prompt], [prefixes["cot"], prefixes["code"]])
+        d = T.decision_term(tiny, [prompt], prefixes, [{"cot": 0.25, "code": 0.75}])
+    choice = torch.log_softmax(torch.stack([lp[0][0], lp[1][0]]), 0)
+    expected = -(0.25 * (choice[0] + lp[0][1:].sum()) + 0.75 * (choice[1] + lp[1][1:].sum()))
+    assert d.item() == pytest.approx(expected.item(), rel=1e-5)
+
+    real = M.sequence_logprobs
+    for form, moved in (("opening", False), ("normalized", True)):
+        seen = []                      # the prefixes' log-prob tensors the term is built from
+        monkeypatch.setattr(M, "sequence_logprobs", lambda *a, **k: seen.append(real(*a, **k)) or seen[-1])
+        term = T.decision_term(tiny, [prompt], prefixes, [{"cot": 1.0, "code": 0.0}], form=form)
+        (g,) = torch.autograd.grad(term, seen[0][1])
+        assert bool((g[1:] != 0).any()) == moved, form
+    monkeypatch.setattr(M, "sequence_logprobs", real)
+    with pytest.raises(ValueError, match="differ"):
+        T.decision_term(tiny, [prompt], {"cot": [5, 6], "code": [5, 6, 7]}, [{"cot": 1.0, "code": 0.0}])
 
 
 def test_k3_is_unbiased_for_kl_old_to_theta():
