@@ -547,18 +547,25 @@ class _Sampler:
         self.step = _DecodeStep(model, self.cache, width, draw, graphs)
         self.pool = ThreadPoolExecutor(max_workers=max(1, os.cpu_count() or 1)) if code else None
         self.rows, self.width, self.finished, self.reported = [], width, [], 0
+        self.refill = max(1, width // 4)
 
     # -- slots ---------------------------------------------------------------------------
     def admit(self, queue):
         """Give finished rows' slots to waiting prompts, then keep the live rows in slots
-        0..n-1: each live row beyond n moves into a hole below n (one cache copy per hole)."""
+        0..n-1: each live row beyond n moves into a hole below n (one cache copy per hole).
+        Slots are refilled once a quarter of the batch is free (`refill`), not one by one:
+        each refill costs a prefill forward, and on a CPU a one-row prefill of a prompt costs
+        about as much as a decode step of the whole batch (measured: refilling one by one made
+        256 mixed prompts 0.84x as fast as fixed chunks)."""
         rows = self.rows
-        for s in range(len(rows)):
-            if rows[s].done and queue:
-                rows[s] = queue.popleft()
-        while queue and len(rows) < self.width:
-            rows.append(queue.popleft())
         n = sum(not r.done for r in rows)
+        if n == 0 or self.width - n >= min(self.refill, len(queue)):
+            for s in range(len(rows)):
+                if rows[s].done and queue:
+                    rows[s] = queue.popleft()
+            while queue and len(rows) < self.width:
+                rows.append(queue.popleft())
+            n = sum(not r.done for r in rows)
         movers = [(s, r) for s, r in enumerate(rows) if s >= n and not r.done]
         holes = [s for s in range(n) if rows[s].done]
         for (src, r), dst in zip(movers, holes):

@@ -79,6 +79,29 @@ def test_continuous_batching_keeps_prompt_order_and_results(tiny, tok):
     assert all(o.finish == "eos" for o in outs)
 
 
+def test_freed_slots_are_refilled_together(tiny, tok, monkeypatch):
+    """Rows that end at different steps: waiting prompts enter a quarter of the batch at a
+    time (one prefill forward for several), not one forward per finished row; the results
+    are those of the unbatched run."""
+    prompts = [M.chat_prompt(tok, q * (1 + i % 3)) for i, q in enumerate(QUESTIONS * 4)]
+    eos = tok.convert_tokens_to_ids("<|im_end|>")
+    lm, kw = EosAtMultipleOf5(tiny, eos), dict(max_new_tokens=12, temperature=1.0, seed=2, code=False)
+    fresh_per_prefill = []
+    prefill = M._Sampler.prefill
+
+    def counted(self, part):
+        fresh_per_prefill.append(sum(r.length == 0 for r in part))
+        return prefill(self, part)
+    monkeypatch.setattr(M._Sampler, "prefill", counted)
+    outs = M.sample(lm, tok, prompts, batch_size=8, **kw)
+    admitted = [n for n in fresh_per_prefill if n]
+    assert sum(admitted) == len(prompts)
+    assert all(n >= 2 for n in admitted[1:-1]), admitted          # refill = 8 // 4
+    assert len(admitted) <= 1 + (len(prompts) - 8) // 2
+    monkeypatch.setattr(M._Sampler, "prefill", prefill)
+    assert_same(outs, M.sample(lm, tok, prompts, **kw))
+
+
 class EosAtMultipleOf5(torch.nn.Module):
     """Forces <|im_end|> as the next token wherever the current position is a multiple of 5."""
 
