@@ -478,9 +478,27 @@ def evaluate_iteration(model, tok, args, iteration, rank=0, world=1):
             mine = [r for r in records if r["mode"] == "autonomous" and group.get(r["id"]) == g]
             row[f"eval_code_rate_{g}"] = sum(bool(r["code_calls"]) for r in mine) / len(mine) if mine else None
             row[f"eval_acc_autonomous_{g}"] = sum(r["correct"] for r in mine) / len(mine) if mine else None
+        if not args.fsdp:
+            pi = code_probability(model, tok, problems, args)
+            for g in sorted({g for g in group.values() if g}):
+                row[f"eval_pi_code_{g}"] = _mean(q for p, q in zip(problems, pi) if group.get(p["id"]) == g)
     if "selection_accuracy" in s:
         row["eval_selection_acc"] = s["selection_accuracy"]["value"]
     return row
+
+
+@torch.no_grad()
+def code_probability(model, tok, problems, args):
+    """pi(code|x) at the token where the decisions' prefixes part, for each problem's
+    autonomous prompt. The greedy code rate flips every query at once when a shared bias
+    crosses 1/2; this shows whether the model tells kinds apart underneath."""
+    prefixes = {c: tok(p, add_special_tokens=False).input_ids for c, p in (("cot", args.cot_prefix),
+                                                                         ("code", args.code_prefix))}
+    d = len(os.path.commonprefix(list(prefixes.values())))
+    prompts = [E.chat(tok, p["question"], E.MODES["autonomous"]["instruction"], args.fewshot) for p in problems]
+    with autocast(model, args):
+        logp = decision_logprobs(model, prompts, {c: ids[:d + 1] for c, ids in prefixes.items()})
+    return logp[:, list(prefixes).index("code")].exp().tolist()
 
 
 def parse_args(argv=None):

@@ -376,3 +376,20 @@ def test_release_freed_memory_returns_heap_holes_to_the_os():
     after = rss_mb()
     assert before - after > 100, (before, after)
     del pins
+
+
+def test_code_probability_is_the_deciding_tokens_softmax(tiny, tok):
+    """pi(code|x) logged at evaluation: the next-token probabilities of the two prefixes'
+    first tokens ("```" and "By"), normalised over the two."""
+    import evaluate as E
+    args = args_for(dtype="fp32")
+    problems = E.load_problems("builtin:test", 3)
+    pi = T.code_probability(tiny, tok, problems, args)
+    first = {c: tok(p, add_special_tokens=False).input_ids[:1] for c, p in (("cot", args.cot_prefix),
+                                                                          ("code", args.code_prefix))}
+    for p, got in zip(problems, pi):
+        prompt = E.chat(tok, p["question"], E.MODES["autonomous"]["instruction"], args.fewshot)
+        with torch.no_grad():
+            lp = M.sequence_logprobs(tiny, [prompt, prompt], [first["cot"], first["code"]])
+        assert got == pytest.approx(torch.softmax(torch.stack([lp[0][0], lp[1][0]]), 0)[1].item(), rel=1e-4)
+        assert 0 < got < 1
