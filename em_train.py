@@ -468,6 +468,7 @@ def evaluate_iteration(model, tok, args, iteration, rank=0, world=1):
     with D.gathered(model):
         records, _ = E.run(sampler_of(model, args), tok, problems, args.eval_modes, out, max_new_tokens=args.max_new_tokens,
                            batch_size=args.sample_batch, fewshot=args.fewshot, progress=D.is_main())
+    release_freed_memory()
     records = D.gather(records)
     s = E.summarize(records, args.eval_modes)
     row = {f"eval_acc_{m}": s[m]["accuracy"] for m in args.eval_modes if m in s}
@@ -669,10 +670,11 @@ def main(argv=None):
                                     max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                     seed=seed + 7919 * rank, batch_size=args.sample_batch, fewshot=args.fewshot,
                                     progress=D.is_main())
+        del policy
+        release_freed_memory()          # the sampler's cache and the bf16 copy are gone: give them back
         t_sample = time.time() - t0
         items = training_data(args.algo, records, args.adv, args.keep or args.k, rng)
         t1 = time.time()
-        del policy
         with autocast(model, args):
             losses = m_step(model, tok, opt, items, records, args, rng)
         t_train = time.time() - t1

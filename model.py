@@ -741,7 +741,7 @@ def sample(model, tok, prompts, prefixes=None, *, max_new_tokens=512, temperatur
         return []
     width = min(batch_size or len(prompts), len(prompts))
     longest = max(len(p) + len(f) for p, f in zip(prompts, prefixes))
-    inserted = max_code_calls * (max_output_chars // 2 + 48) if code else 0
+    inserted = (max_output_chars // 2 + 48) if code and max_code_calls else 0   # one output; the cache grows
     draw = lambda logits, keys, counts: _draw(logits, keys, counts, greedy, temperature, top_k, top_p)
     run = _Sampler(model, tok, width, longest + max_new_tokens + inserted, max_new_tokens=max_new_tokens,
                    stop=stop, eos=set() if ignore_eos else set(stop_token_ids(model, tok)), code=code,
