@@ -285,6 +285,8 @@ def micro_loss(model, mb, decide, ctx, args, stats):
         kl, _ = kl_term(logp, old, masks)
         loss = loss + args.kl_coef * kl / ctx["tokens"]
         ctx["terms"]["loss_kl"] += kl.item() / ctx["tokens"]
+    if args.algo == "em" and args.decision_coef and decide and args.decision_trust:
+        decide = within_trust(model, decide, ctx, args)
     if args.algo == "em" and args.decision_coef and not decide and D.ENABLED:
         zero = {c: 0.0 for c in ctx["prefixes"]}      # every rank runs the same forwards (collectives)
         loss = loss + 0.0 * decision_term(model, [[0]], ctx["prefixes"], [zero])
@@ -295,6 +297,32 @@ def micro_loss(model, mb, decide, ctx, args, stats):
         loss = loss + d
         ctx["terms"]["loss_decision"] += d.item()
     return loss
+
+
+def choice_probability(model, prompts, prefixes):
+    """pi(code|x) at the token where the decisions' prefixes part, for each prompt (no gradient)."""
+    d = len(os.path.commonprefix(list(prefixes.values())))
+    with torch.no_grad():
+        logp = decision_logprobs(model, prompts, {c: ids[:d + 1] for c, ids in prefixes.items()})
+    return logp[:, list(prefixes).index("code")].exp().tolist()
+
+
+def within_trust(model, decide, ctx, args):
+    """--decision-trust: of the queries in `decide`, those whose pi(code|x) has not yet moved
+    `--decision-trust` towards s_star(code) since the M-step began (ctx["pi_old"]). A trust
+    region in the spirit of PPO's clip, for the decision: the E-step's targets stay fixed for
+    the whole M-step, and without a bound one iteration swung pi(code) by 0.4-0.5 on every
+    query (README, Results). Costs one extra forward over the step's decision prompts."""
+    now = choice_probability(model, [ctx["record_of"][q]["prompt_ids"] for q in decide], ctx["prefixes"])
+    keep = []
+    for q, p in zip(decide, now):
+        old = ctx["pi_old"][q]
+        towards = 1.0 if ctx["record_of"][q]["s_star"]["code"] > old else -1.0
+        if towards * (p - old) < args.decision_trust:
+            keep.append(q)
+    ctx["trust_dropped"] += len(decide) - len(keep)
+    ctx["trust_seen"] += len(decide)
+    return keep
 
 
 def release_freed_memory():
@@ -335,6 +363,11 @@ def m_step(model, tok, opt, items, records, args, rng):
         rng.shuffle(order)
         size = args.batch_size * args.grad_accum
         steps += [[items[i] for i in order[s:s + size]] for s in range(0, len(order), size)]
+    if args.algo == "em" and args.decision_trust:     # pi(code|x) where the M-step starts
+        qs = [q for q, r in ctx["record_of"].items() if args.decision_queries == "all" or informative(r, args.ties)]
+        ctx["pi_old"] = dict(zip(qs, choice_probability(model, [ctx["record_of"][q]["prompt_ids"] for q in qs],
+                                                        ctx["prefixes"]) if qs else []))
+        ctx["trust_dropped"] = ctx["trust_seen"] = 0
     n_steps = D.all_max(len(steps))
     bar = tqdm(total=sum(map(len, steps)), desc="M-step", unit="rollout", disable=not D.is_main())
     for s in range(n_steps):
@@ -367,7 +400,9 @@ def m_step(model, tok, opt, items, records, args, rng):
     return {**{k: mean(stats[k]) for k in terms},
             "ratio_mean": mean(stats["ratio_mean"]), "ratio_max": max(stats["ratio_max"], default=None),
             "clip_frac": stats["clipped"] / stats["ratio_n"] if stats["ratio_n"] else None,
-            "grad_norm": mean(stats["grad_norm"]), "optimizer_steps": len(stats["grad_norm"])}
+            "grad_norm": mean(stats["grad_norm"]), "optimizer_steps": len(stats["grad_norm"]),
+            **({"decision_trust_dropped": ctx["trust_dropped"] / max(1, ctx["trust_seen"])}
+               if args.algo == "em" and args.decision_trust else {})}
 
 
 # ---------------------------------------------------------------------------------------
@@ -488,18 +523,15 @@ def evaluate_iteration(model, tok, args, iteration, rank=0, world=1):
     return row
 
 
-@torch.no_grad()
 def code_probability(model, tok, problems, args):
     """pi(code|x) at the token where the decisions' prefixes part, for each problem's
     autonomous prompt. The greedy code rate flips every query at once when a shared bias
     crosses 1/2; this shows whether the model tells kinds apart underneath."""
     prefixes = {c: tok(p, add_special_tokens=False).input_ids for c, p in (("cot", args.cot_prefix),
                                                                          ("code", args.code_prefix))}
-    d = len(os.path.commonprefix(list(prefixes.values())))
     prompts = [E.chat(tok, p["question"], E.MODES["autonomous"]["instruction"], args.fewshot) for p in problems]
     with autocast(model, args):
-        logp = decision_logprobs(model, prompts, {c: ids[:d + 1] for c, ids in prefixes.items()})
-    return logp[:, list(prefixes).index("code")].exp().tolist()
+        return choice_probability(model, prompts, prefixes)
 
 
 def parse_args(argv=None):
@@ -520,6 +552,9 @@ def parse_args(argv=None):
     ap.add_argument("--max-grad-norm", type=float, default=1.0)
     ap.add_argument("--clip-eps", type=float, default=0.2)
     ap.add_argument("--decision-coef", type=float, default=1.0, help="lambda")
+    ap.add_argument("--decision-trust", type=float, default=0.0,
+                    help="drop a query's decision term once pi(code|x) has moved this far towards s_star "
+                         "within the M-step (0: off; e.g. 0.1)")
     ap.add_argument("--decision-form", default="opening", choices=["opening", "normalized", "raw"],
                     help="log pi(c|x): the deciding token normalised over the decisions plus the rest of the "
                          "prefix (opening), the whole prefix normalised, or the raw prefix log-prob")
@@ -562,7 +597,9 @@ def check_args(args):
     E.check_numbers(args, positive=("--train-size", "--iterations", "--queries-per-iter", "--epochs", "--lr",
                                     "--batch-size", "--grad-accum", "--max-grad-norm", "--clip-eps",
                                     "--sample-batch", "--eval-n"),
-                    non_negative=("--decision-coef", "--kl-coef", "--eval-every"))
+                    non_negative=("--decision-coef", "--decision-trust", "--kl-coef", "--eval-every"))
+    if args.decision_trust and args.fsdp:
+        E.fail("--decision-trust is for one process (its extra forwards differ between ranks); drop --fsdp")
     X.check_estep_args(args, uses_prior=args.algo != "rl")
     n_data = E.check_data(args.data, "--data")
     if args.eval_data:

@@ -393,3 +393,24 @@ def test_code_probability_is_the_deciding_tokens_softmax(tiny, tok):
             lp = M.sequence_logprobs(tiny, [prompt, prompt], [first["cot"], first["code"]])
         assert got == pytest.approx(torch.softmax(torch.stack([lp[0][0], lp[1][0]]), 0)[1].item(), rel=1e-4)
         assert 0 < got < 1
+
+
+def test_decision_trust_drops_a_query_once_its_pi_has_moved_far_enough(tiny, tok, capsys):
+    """--decision-trust 0.1: a query whose pi(code|x) is already 0.2 above its value at the
+    M-step's start, in the direction of s_star, adds no decision term; one that has not moved
+    still does, and so does one that moved the wrong way."""
+    records = step_records(tiny, tok, [[1.0, 0.0, 0.0], [0.0, 1.0, 1.0], [0.0, 1.0, 0.0]])
+    for r in records:
+        r["s_star"] = {"cot": 0.1, "code": 0.9}                  # every query: towards code
+    args = args_for(decision_trust=0.1)
+    ctx = {"prefixes": {"cot": tok("By hand: ", add_special_tokens=False).input_ids,
+                        "code": tok("```python\nprint(", add_special_tokens=False).input_ids},
+           "record_of": {r["query_id"]: r for r in records}, "trust_dropped": 0, "trust_seen": 0}
+    now = T.choice_probability(tiny, [ctx["record_of"][q]["prompt_ids"] for q in ("q0", "q1", "q2")],
+                               ctx["prefixes"])
+    ctx["pi_old"] = {"q0": now[0] - 0.2, "q1": now[1], "q2": now[2] + 0.2}
+    assert T.within_trust(tiny, ["q0", "q1", "q2"], ctx, args) == ["q1", "q2"]
+    assert (ctx["trust_dropped"], ctx["trust_seen"]) == (1, 3)
+    with pytest.raises(SystemExit):
+        T.check_args(T.parse_args(["--model", "tiny", "--decision-trust", "0.1", "--fsdp"]))
+    assert "--decision-trust is for one process" in capsys.readouterr().err
