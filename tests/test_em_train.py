@@ -395,7 +395,7 @@ def test_code_probability_is_the_deciding_tokens_softmax(tiny, tok):
         assert 0 < got < 1
 
 
-def test_decision_trust_drops_a_query_once_its_pi_has_moved_far_enough(tiny, tok, capsys):
+def test_decision_trust_drops_a_query_once_its_pi_has_moved_far_enough(tiny, tok):
     """--decision-trust 0.1: a query whose pi(code|x) is already 0.2 above its value at the
     M-step's start, in the direction of s_star, adds no decision term; one that has not moved
     still does, and so does one that moved the wrong way."""
@@ -411,6 +411,5 @@ def test_decision_trust_drops_a_query_once_its_pi_has_moved_far_enough(tiny, tok
     ctx["pi_old"] = {"q0": now[0] - 0.2, "q1": now[1], "q2": now[2] + 0.2}
     assert T.within_trust(tiny, ["q0", "q1", "q2"], ctx, args) == ["q1", "q2"]
     assert (ctx["trust_dropped"], ctx["trust_seen"]) == (1, 3)
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit, match="--decision-trust is for one process"):
         T.check_args(T.parse_args(["--model", "tiny", "--decision-trust", "0.1", "--fsdp"]))
-    assert "--decision-trust is for one process" in capsys.readouterr().err
