@@ -188,11 +188,15 @@ def memory_plan(s, world=1, dtype="bf16", micro_batch=4, prompt_len=200, new_tok
          "weights": N * master * on_gpu, "gradients": N * master * on_gpu, "optimizer": 2 * N * master * on_gpu,
          "optimizer_step_temp": N * master * on_gpu}   # foreach AdamW's sqrt(v) buffer, alive during step()
     # The compute-dtype copy of the weights: under FSDP the whole model while sampling (gathered)
-    # and the root (embeddings, head) plus about two layers in training; in one process with
-    # bf16 compute, autocast's cast cache (training) or the sampler's copy holds all of it.
+    # and the root (embeddings, head) plus about two layers in training. In one process with
+    # bf16 compute the sampler's copy holds all of it; in training autocast (its cache off)
+    # casts each weight where it is used and backward keeps the casts of the layers whose
+    # activations it keeps: all of them, or with activation checkpointing the head and the
+    # layer being recomputed (two, counted like FSDP's prefetch).
     layer = (N - V * h * (1 if s["tied"] else 2)) / L
     whole = N * c if fsdp or c != master else 0
-    p["compute_copy_training"] = (V * h * (1 if s["tied"] else 2) + 2 * layer) * c if fsdp else whole
+    p["compute_copy_training"] = (V * h * (1 if s["tied"] else 2) + 2 * layer) * c if fsdp or (grad_ckpt and whole) \
+        else whole
     p["compute_copy_sampling"] = whole
     seq = prompt_len + 8 + new_tokens
     tokens = micro_batch * seq + (2 * micro_batch * (prompt_len + 8) if decision else 0)

@@ -489,9 +489,15 @@ def sampler_of(model, args):
 def autocast(model, args):
     """bf16 matrix products over fp32 weights for the M-step under --dtype bf16 in one
     process; gradients and AdamW state stay fp32, so a step of lr 1e-6 still moves a weight
-    of 0.02 (a bf16 weight could not: its spacing there is ~1.2e-4)."""
+    of 0.02 (a bf16 weight could not: its spacing there is ~1.2e-4).
+    Without its cast cache: autocast keeps the bf16 copy of each weight it has cast until the
+    outermost context exits, and the M-step runs inside one context, so every step after the
+    first would compute its forward (and the ratio pi_theta/pi_old, and the clip) at the weights
+    the M-step started from while AdamW moves the real ones. That bug made every earlier bf16
+    run's ratio 1 and its clip inert (README, Results)."""
     device = next(model.parameters()).device.type
-    return torch.autocast(device, dtype=torch.bfloat16, enabled=args.dtype == "bf16" and not args.fsdp)
+    return torch.autocast(device, dtype=torch.bfloat16, enabled=args.dtype == "bf16" and not args.fsdp,
+                          cache_enabled=False)
 
 
 # ---------------------------------------------------------------------------------------

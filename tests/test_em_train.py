@@ -350,6 +350,31 @@ def test_bf16_keeps_fp32_master_weights_that_a_tiny_lr_still_moves(tmp_path, tok
     assert torch.equal(w - 1e-6, w)                         # why the master weights must be fp32
 
 
+def test_bf16_m_step_sees_the_weights_each_step_moved_to(tok, monkeypatch):
+    """The M-step runs inside one autocast context; with autocast's cast cache every step after
+    the first computed its forward at the starting weights (ratio ~1 throughout, the clip
+    inert). Under --dtype bf16 each step's ratio must follow the fp32 run's."""
+    import random
+    seen, orig = {}, T.ratio_term
+    for dtype in ("fp32", "bf16"):
+        model = M.tiny_model(tok, seed=0).eval()
+        records = step_records(model, tok, [[1.0, 0.0, 1.0], [0.0, 1.0, 1.0], [1.0, 0.0, 0.0]])
+        args = args_for(dtype=dtype, batch_size=3, grad_accum=1, lr=1e-3, algo="rl")
+        ratios = seen[dtype] = []
+
+        def spy(*a, ratios=ratios, **k):
+            out = orig(*a, **k)
+            ratios.append(out[2]["ratio_mean"])
+            return out
+        monkeypatch.setattr(T, "ratio_term", spy)
+        items = T.training_data("rl", records, "whiten", 99, random.Random(0))
+        opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
+        with T.autocast(model, args):
+            T.m_step(model, tok, opt, items, records, args, random.Random(0))
+    assert len(seen["fp32"]) == 3 and abs(seen["fp32"][1] - seen["fp32"][0]) > 0.05     # the steps do move
+    assert seen["bf16"] == pytest.approx(seen["fp32"], abs=0.01)
+
+
 def test_sampler_gets_a_bf16_copy_and_the_master_stays_fp32(tiny):
     args = T.parse_args(["--model", "tiny", "--dtype", "bf16"])
     view = T.sampler_of(tiny, args)
