@@ -486,6 +486,21 @@ def sampler_of(model, args):
     return copy.deepcopy(model).to(torch.bfloat16).eval()
 
 
+def snap_to_bf16(model):
+    """Round the fp32 master weights to the nearest bf16 values, once, before the first M-step
+    of a fresh --dtype bf16 run (a resumed run's masters are its own and stay as they are).
+    The bf16 forward (autocast's casts, the sampler's copy, FSDP's bf16 parameters) rounds each
+    weight to nearest, ties to even. The embedded model's weights come from f16 and 8% of them
+    sit exactly on a tie, so the first step of any size, even lr 1e-7, tips every one of them a
+    whole bf16 spacing in the direction of its gradient's sign (Adam's first step): the bf16
+    model moved as if the learning rate were ~1e-5 whatever --lr said, and one step swung
+    pi(code|x) from ~0.5 to ~0.05 on every query (README, Results). Starting the masters on the
+    bf16 grid changes nothing the sampler sees and removes the ties."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(p.to(torch.bfloat16))
+
+
 def autocast(model, args):
     """bf16 matrix products over fp32 weights for the M-step under --dtype bf16 in one
     process; gradients and AdamW state stay fp32, so a step of lr 1e-6 still moves a weight
@@ -670,6 +685,8 @@ def main(argv=None):
     if args.resume and ckpt is None:
         print(f"[em] --resume: no checkpoint under {args.out}; starting from {args.model}", file=sys.stderr)
     model, tok = M.load_model(ckpt or args.model, "fp32", device)    # master weights: always fp32
+    if args.dtype == "bf16" and not ckpt:
+        snap_to_bf16(model)
     if args.grad_ckpt:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     if args.fsdp:

@@ -344,7 +344,7 @@ def test_bf16_keeps_fp32_master_weights_that_a_tiny_lr_still_moves(tmp_path, tok
     before = M.tiny_model(tok).state_dict()
     name = "model.layers.0.self_attn.q_proj.weight"
     assert after[name].dtype == torch.float32
-    moved = (after[name] != before[name]).float().mean().item()
+    moved = (after[name] != before[name].to(torch.bfloat16).float()).float().mean().item()   # snapped, then moved
     assert moved > 0.9
     w = torch.full((1000,), 0.02, dtype=torch.bfloat16)
     assert torch.equal(w - 1e-6, w)                         # why the master weights must be fp32
@@ -373,6 +373,30 @@ def test_bf16_m_step_sees_the_weights_each_step_moved_to(tok, monkeypatch):
             T.m_step(model, tok, opt, items, records, args, random.Random(0))
     assert len(seen["fp32"]) == 3 and abs(seen["fp32"][1] - seen["fp32"][0]) > 0.05     # the steps do move
     assert seen["bf16"] == pytest.approx(seen["fp32"], abs=0.01)
+
+
+def test_snapped_masters_have_no_bf16_ties_for_a_tiny_step_to_tip(tok):
+    """Master weights exactly halfway between two bf16 values (8% of the embedded model's) make
+    the bf16 forward jump a whole bf16 spacing on a step of any size; after snap_to_bf16 a step
+    far below the spacing leaves the bf16 forward as it was."""
+    model = M.tiny_model(tok, seed=0).eval()
+    args = T.parse_args(["--model", "tiny", "--dtype", "bf16"])
+    x = torch.tensor([[5, 6, 7, 8, 9]])
+    with torch.no_grad():
+        for p in model.parameters():           # put every weight on a tie: grid value + half a spacing
+            low = p.to(torch.bfloat16).float()
+            high = (low.view(torch.int32) + (1 << 16)).view(torch.float32)
+            p.copy_(low + (high - low) / 2)
+
+    def nudged_change():
+        with torch.no_grad(), T.autocast(model, args):
+            before = model(x).logits.float()
+            for p in model.parameters():
+                p.add_(1e-9 * torch.sign(p))    # far below bf16's spacing (~1e-4 at 0.02)
+            return (model(x).logits.float() - before).abs().max().item()
+    assert nudged_change() > 1e-3
+    T.snap_to_bf16(model)
+    assert nudged_change() < 1e-5
 
 
 def test_sampler_gets_a_bf16_copy_and_the_master_stays_fp32(tiny):
