@@ -4,7 +4,8 @@
 
 Each argument is an em_train.py output directory. The figure has one panel per held-out
 metric (autonomous accuracy, code rate on the code-worthy kinds, code rate on the easy kinds,
-selection accuracy), one line per run, iteration 0 being the untrained model. The table
+selection accuracy, and the model's probability of opening with code, pi(code|x), on each
+group), one line per run, iteration 0 being the untrained model. The table
 (markdown, printed) gives each metric at iteration 0 and at the last iteration, per run and,
 where an algorithm has several seeds, their mean and spread (max - min).
 matplotlib is an optional extra (`pip install matplotlib`); without it only the table prints.
@@ -17,7 +18,9 @@ import sys
 PANELS = [("eval_acc_autonomous", "held-out accuracy (autonomous)"),
           ("eval_code_rate_compute", "code rate, code-worthy kinds"),
           ("eval_code_rate_easy", "code rate, easy kinds"),
-          ("eval_selection_acc", "selection accuracy")]
+          ("eval_selection_acc", "selection accuracy"),
+          ("eval_pi_code_compute", "pi(code|x), code-worthy kinds"),
+          ("eval_pi_code_easy", "pi(code|x), easy kinds")]
 
 
 def read_run(folder):
@@ -69,7 +72,10 @@ def figure(runs, out):
     except ImportError:
         print("matplotlib is not installed (pip install matplotlib): no figure, table only", file=sys.stderr)
         return None
-    fig, axes = plt.subplots(1, len(PANELS), figsize=(4 * len(PANELS), 3.4))
+    cols = 3
+    rows = -(-len(PANELS) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3.4 * rows), squeeze=False)
+    axes = axes.flatten()
     colors = {"em": "tab:blue", "rl": "tab:orange", "sft": "tab:green"}
     styles = ["-", "--", ":", "-."]                 # the n-th run of an algorithm (its seeds)
     nth = {}
