@@ -299,6 +299,12 @@ def micro_loss(model, mb, decide, ctx, args, stats):
     return loss
 
 
+def decision_prefixes(tok, args):
+    """The token ids of the prefixes that force each decision (--cot-prefix, --code-prefix)."""
+    return {c: tok(p, add_special_tokens=False).input_ids for c, p in (("cot", args.cot_prefix),
+                                                                     ("code", args.code_prefix))}
+
+
 def choice_probability(model, prompts, prefixes):
     """pi(code|x) at the token where the decisions' prefixes part, for each prompt (no gradient)."""
     d = len(os.path.commonprefix(list(prefixes.values())))
@@ -311,8 +317,8 @@ def within_trust(model, decide, ctx, args):
     """--decision-trust: of the queries in `decide`, those whose pi(code|x) has not yet moved
     `--decision-trust` towards s_star(code) since the M-step began (ctx["pi_old"]). A trust
     region in the spirit of PPO's clip, for the decision: the E-step's targets stay fixed for
-    the whole M-step, and without a bound one iteration at the defaults moved pi(code) by
-    0.2-0.4 on every query (README, Results). It bounds the gradient, not AdamW's momentum,
+    the whole M-step, and without a bound pi(code) moved by up to 0.3-0.4 from one iteration
+    to the next at the defaults (README, Results). It bounds the gradient, not AdamW's momentum,
     so a dropped query can still drift on. Costs one extra forward over the step's decision prompts."""
     now = choice_probability(model, [ctx["record_of"][q]["prompt_ids"] for q in decide], ctx["prefixes"])
     keep = []
@@ -353,9 +359,7 @@ def padding_loss(model, ctx, args):
 def m_step(model, tok, opt, items, records, args, rng):
     """`--epochs` passes over the items; returns averaged loss terms and optimiser stats."""
     model.train()
-    ctx = {"prefixes": {c: tok(p, add_special_tokens=False).input_ids
-                        for c, p in (("cot", args.cot_prefix), ("code", args.code_prefix))},
-           "record_of": {r["query_id"]: r for r in records}}
+    ctx = {"prefixes": decision_prefixes(tok, args), "record_of": {r["query_id"]: r for r in records}}
     stats = {"loss_ratio": [], "loss_decision": [], "loss_kl": [], "loss_sft": [], "grad_norm": [],
              "ratio_mean": [], "ratio_max": [], "clipped": 0, "ratio_n": 0}
     steps = []
@@ -495,7 +499,7 @@ def snap_to_bf16(model):
     sit exactly on a tie, so the first step of any size, even lr 1e-7, tips every one of them a
     whole bf16 spacing in the direction of its gradient's sign (Adam's first step): the bf16
     model moved as if the learning rate were ~1e-5 whatever --lr said, and one step swung
-    pi(code|x) from ~0.5 to ~0.05 on every query (README, Results). Starting the masters on the
+    pi(code|x) from ~0.5 to 0.05-0.1 on every query (README, Results). Starting the masters on the
     bf16 grid changes nothing the sampler sees and removes the ties."""
     with torch.no_grad():
         for p in model.parameters():
@@ -549,11 +553,9 @@ def code_probability(model, tok, problems, args):
     """pi(code|x) at the token where the decisions' prefixes part, for each problem's
     autonomous prompt. The greedy code rate flips every query at once when a shared bias
     crosses 1/2; this shows whether the model tells kinds apart underneath."""
-    prefixes = {c: tok(p, add_special_tokens=False).input_ids for c, p in (("cot", args.cot_prefix),
-                                                                         ("code", args.code_prefix))}
     prompts = [E.chat(tok, p["question"], E.MODES["autonomous"]["instruction"], args.fewshot) for p in problems]
     with autocast(model, args):
-        return choice_probability(model, prompts, prefixes)
+        return choice_probability(model, prompts, decision_prefixes(tok, args))
 
 
 def parse_args(argv=None):
