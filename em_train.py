@@ -261,10 +261,10 @@ def plan_step(step, batch_size, ctx, args):
     return micro, decide
 
 
-def micro_loss(model, mb, decide, ctx, args, stats):
-    """The loss of one micro-batch, normalised by its whole optimiser step (ctx), so the
-    micro-batches of a step simply add up. `decide`: the queries whose decision term this
-    micro-batch carries. Adds the loss terms to ctx["terms"] and ratio stats to `stats`."""
+def micro_loss(model, mb, ctx, args, stats):
+    """The ratio (or sft) loss of one micro-batch, normalised by its whole optimiser step (ctx),
+    so the micro-batches of a step simply add up. Adds the loss terms to ctx["terms"] and
+    ratio stats to `stats`."""
     logp = M.sequence_logprobs(model, [it["prompt_ids"] for it in mb], [it["response_ids"] for it in mb],
                                args.temperature)
     dev = logp[0].device                       # every tensor of the loss lives where the model does
@@ -285,18 +285,26 @@ def micro_loss(model, mb, decide, ctx, args, stats):
         kl, _ = kl_term(logp, old, masks)
         loss = loss + args.kl_coef * kl / ctx["tokens"]
         ctx["terms"]["loss_kl"] += kl.item() / ctx["tokens"]
-    if args.algo == "em" and args.decision_coef and decide and args.decision_trust:
-        decide = within_trust(model, decide, ctx, args)
-    if args.algo == "em" and args.decision_coef and not decide and D.ENABLED:
-        zero = {c: 0.0 for c in ctx["prefixes"]}      # every rank runs the same forwards (collectives)
-        loss = loss + 0.0 * decision_term(model, [[0]], ctx["prefixes"], [zero])
-    elif args.algo == "em" and args.decision_coef and decide:
-        d = decision_term(model, [ctx["record_of"][q]["prompt_ids"] for q in decide], ctx["prefixes"],
-                          [ctx["record_of"][q]["s_star"] for q in decide], args.temperature, args.decision_form)
-        d = d * args.decision_coef / ctx["queries"]
-        loss = loss + d
-        ctx["terms"]["loss_decision"] += d.item()
     return loss
+
+
+def decision_loss(model, decide, ctx, args):
+    """lambda times the decision term of the queries in `decide`, normalised by the step's
+    queries; None when there is none to add. m_step runs its backward apart from the ratio
+    loss's: one backward through both graphs held 0.5 GB more than the larger of the two
+    (measured on the embedded model), for the same gradient."""
+    if args.algo != "em" or not args.decision_coef:
+        return None
+    if decide and args.decision_trust:
+        decide = within_trust(model, decide, ctx, args)
+    if not decide:              # under --fsdp every rank runs the same forwards (collectives)
+        zero = {c: 0.0 for c in ctx["prefixes"]}
+        return 0.0 * decision_term(model, [[0]], ctx["prefixes"], [zero]) if D.ENABLED else None
+    d = decision_term(model, [ctx["record_of"][q]["prompt_ids"] for q in decide], ctx["prefixes"],
+                      [ctx["record_of"][q]["s_star"] for q in decide], args.temperature, args.decision_form)
+    d = d * args.decision_coef / ctx["queries"]
+    ctx["terms"]["loss_decision"] += d.item()
+    return d
 
 
 def decision_prefixes(tok, args):
@@ -305,12 +313,18 @@ def decision_prefixes(tok, args):
                                                                      ("code", args.code_prefix))}
 
 
-def choice_probability(model, prompts, prefixes):
-    """pi(code|x) at the token where the decisions' prefixes part, for each prompt (no gradient)."""
+def choice_probability(model, prompts, prefixes, chunk=8):
+    """pi(code|x) at the token where the decisions' prefixes part, for each prompt (no gradient),
+    `chunk` prompts per forward: one forward over an evaluation's 32 few-shot prompts (64
+    sequences) took 1.1 GB more than the rest of the loop's peak."""
     d = len(os.path.commonprefix(list(prefixes.values())))
+    cut = {c: ids[:d + 1] for c, ids in prefixes.items()}
+    code = list(prefixes).index("code")
+    out = []
     with torch.no_grad():
-        logp = decision_logprobs(model, prompts, {c: ids[:d + 1] for c, ids in prefixes.items()})
-    return logp[:, list(prefixes).index("code")].exp().tolist()
+        for s in range(0, len(prompts), chunk):
+            out += decision_logprobs(model, prompts[s:s + chunk], cut)[:, code].exp().tolist()
+    return out
 
 
 def within_trust(model, decide, ctx, args):
@@ -347,13 +361,26 @@ def release_freed_memory():
 _trim = None
 
 
-def padding_loss(model, ctx, args):
+def padding_loss(model):
     """Under --fsdp, a rank with fewer micro-batches than another still runs the same forwards
     and backwards (each is a collective): a one-token pass with weight 0."""
-    loss = 0.0 * M.sequence_logprobs(model, [[0]], [[0]])[0].sum()
-    if args.algo == "em" and args.decision_coef:
-        loss = loss + 0.0 * decision_term(model, [[0]], ctx["prefixes"], [{c: 0.0 for c in ctx["prefixes"]}])
-    return loss
+    return 0.0 * M.sequence_logprobs(model, [[0]], [[0]])[0].sum()
+
+
+def accumulate(model, micro, decide, ctx, args, stats, bar=None):
+    """The forwards and backwards of one optimiser step; the gradients add up in .grad.
+    The ratio loss and the decision term each get their own backward (see decision_loss)."""
+    for j in range(D.all_max(len(micro))):
+        loss = micro_loss(model, micro[j], ctx, args, stats) if j < len(micro) else padding_loss(model)
+        loss.backward()
+        del loss
+        loss = decision_loss(model, decide[j] if j < len(micro) else [], ctx, args)
+        if loss is not None:
+            loss.backward()
+            del loss
+        release_freed_memory()
+        if bar is not None:
+            bar.update(len(micro[j]) if j < len(micro) else 0)
 
 
 def m_step(model, tok, opt, items, records, args, rng):
@@ -380,15 +407,7 @@ def m_step(model, tok, opt, items, records, args, rng):
         micro, decide = plan_step(step, args.batch_size, ctx, args)
         ctx["terms"] = {"loss_ratio": 0.0, "loss_decision": 0.0, "loss_kl": 0.0, "loss_sft": 0.0}
         opt.zero_grad(set_to_none=True)
-        for j in range(D.all_max(len(micro))):
-            if j < len(micro):
-                loss = micro_loss(model, micro[j], decide[j], ctx, args, stats)
-            else:
-                loss = padding_loss(model, ctx, args)
-            loss.backward()
-            del loss
-            release_freed_memory()
-            bar.update(len(micro[j]) if j < len(micro) else 0)
+        accumulate(model, micro, decide, ctx, args, stats, bar)
         if step:
             for k, v in ctx["terms"].items():
                 stats[k].append(v)
@@ -555,7 +574,9 @@ def code_probability(model, tok, problems, args):
     crosses 1/2; this shows whether the model tells kinds apart underneath."""
     prompts = [E.chat(tok, p["question"], E.MODES["autonomous"]["instruction"], args.fewshot) for p in problems]
     with autocast(model, args):
-        return choice_probability(model, prompts, decision_prefixes(tok, args))
+        pi = choice_probability(model, prompts, decision_prefixes(tok, args))
+    release_freed_memory()
+    return pi
 
 
 def parse_args(argv=None):

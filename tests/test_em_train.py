@@ -171,8 +171,7 @@ def step_gradient(model, tok, records, args):
     micro, decide = T.plan_step(items, args.batch_size, ctx, args)
     ctx["terms"] = {"loss_ratio": 0.0, "loss_decision": 0.0, "loss_kl": 0.0, "loss_sft": 0.0}
     model.zero_grad(set_to_none=True)
-    for mb, d in zip(micro, decide):
-        T.micro_loss(model, mb, d, ctx, args, stats).backward()
+    T.accumulate(model, micro, decide, ctx, args, stats)
     g = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
     model.zero_grad(set_to_none=True)
     return g, ctx["terms"]
@@ -328,7 +327,10 @@ def test_m_step_keeps_every_tensor_on_the_model_device(tok, monkeypatch):
            "terms": {"loss_ratio": 0.0, "loss_decision": 0.0, "loss_kl": 0.0, "loss_sft": 0.0}}
     micro, decide = T.plan_step(items, 2, ctx, args)
     stats = {"ratio_mean": [], "ratio_max": [], "clipped": 0, "ratio_n": 0}
-    loss = T.micro_loss(meta_model, micro[0], decide[0], ctx, args, stats)
+    loss = T.micro_loss(meta_model, micro[0], ctx, args, stats)
+    assert loss.is_meta
+    loss.backward()
+    loss = T.decision_loss(meta_model, decide[0], ctx, args)
     assert loss.is_meta
     loss.backward()
 
