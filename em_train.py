@@ -554,15 +554,14 @@ def evaluate_iteration(model, tok, args, iteration, rank=0, world=1):
     row = {f"eval_acc_{m}": s[m]["accuracy"] for m in args.eval_modes if m in s}
     if "autonomous" in s:
         row["eval_code_rate"] = s["autonomous"]["code_rate"]
-        group = {p["id"]: p.get("group") for p in E.load_problems(args.eval_data, args.eval_n)}
-        for g in sorted({g for g in group.values() if g}):          # built-in task: compute / easy / hard
-            mine = [r for r in records if r["mode"] == "autonomous" and group.get(r["id"]) == g]
-            row[f"eval_code_rate_{g}"] = sum(bool(r["code_calls"]) for r in mine) / len(mine) if mine else None
-            row[f"eval_acc_autonomous_{g}"] = sum(r["correct"] for r in mine) / len(mine) if mine else None
+        for g, v in s["autonomous"].get("code_rate_by_group", {}).items():   # built-in task: compute / easy / hard
+            row[f"eval_code_rate_{g}"] = v
+        for g, v in s["autonomous"].get("accuracy_by_group", {}).items():
+            row[f"eval_acc_autonomous_{g}"] = v
         if not args.fsdp:
             pi = code_probability(model, tok, problems, args)
-            for g in sorted({g for g in group.values() if g}):
-                row[f"eval_pi_code_{g}"] = _mean(q for p, q in zip(problems, pi) if group.get(p["id"]) == g)
+            for g in sorted({p["group"] for p in problems if "group" in p}):
+                row[f"eval_pi_code_{g}"] = _mean(q for p, q in zip(problems, pi) if p.get("group") == g)
     if "selection_accuracy" in s:
         row["eval_selection_acc"] = s["selection_accuracy"]["value"]
     return row

@@ -62,6 +62,10 @@ MODES = {
 # zero-shot, SmolLM2-135M boxed 0 of 150 answers on GSM8K and MATH500. As earlier turns, not
 # text inside the question, the model answers in the assistant's style and ends its turn
 # instead of writing the next example problem itself.
+# Problem fields carried into each record and summarised per value (MATH's level and subject;
+# the built-in task's kind, as subject, and its group: compute / easy / hard).
+GROUP_KEYS = ("level", "subject", "group")
+
 FEWSHOT = (("What is 123 \\times 45?",
             "```python\nprint(123 * 45)\n```\n```output\n5535\n```\nThe final answer is \\boxed{5535}."),
            ("What is 3 + 4?", "By hand: 3 + 4 = 7. The final answer is \\boxed{7}."))
@@ -104,7 +108,7 @@ def parse_record(rec, path, lineno):
         answer, numeric = raw.strip(), bool(rec.get("numeric", False))
     out = {"id": str(rec.get("id", rec.get("unique_id", f"{os.path.basename(path)}:{lineno}"))),
            "question": question.strip(), "answer": answer, "numeric": numeric}
-    for key in ("level", "subject"):
+    for key in GROUP_KEYS:
         if key in rec:
             out[key] = rec[key]
     return out
@@ -273,7 +277,7 @@ def run(model, tok, problems, modes, out_dir, n=1, temperature=0.0, max_new_toke
                     rec = {"id": p["id"], "mode": mode, "sample": k, "question": p["question"], "text": o.text,
                            "pred": pred, "answer": p["answer"], "correct": ok, "finish": o.finish,
                            "tokens": o.n_sampled, "code_calls": o.code_calls,
-                           **{key: p[key] for key in ("level", "subject") if key in p}}
+                           **{key: p[key] for key in GROUP_KEYS if key in p}}
                     f.write(json.dumps(rec) + "\n")
                     records.append(rec)
                 f.flush()
@@ -318,13 +322,15 @@ def summarize(records, modes):
              "mean_code_calls": len(calls) / len(flat),
              "exec_error_rate": sum(not c.get("ok", True) for c in calls) / len(calls) if calls else 0.0,
              "no_answer_rate": sum(r["pred"] is None for r in flat) / len(flat)}
-        for key in ("level", "subject"):
+        for key in GROUP_KEYS:
             groups = defaultdict(list)
             for r in first:
                 if key in r:
-                    groups[str(r[key])].append(r["correct"])
+                    groups[str(r[key])].append(r)
             if groups:
-                s[f"accuracy_by_{key}"] = {g: sum(v) / len(v) for g, v in sorted(groups.items())}
+                s[f"accuracy_by_{key}"] = {g: sum(r["correct"] for r in v) / len(v) for g, v in sorted(groups.items())}
+                s[f"code_rate_by_{key}"] = {g: sum(bool(r["code_calls"]) for r in v) / len(v)
+                                            for g, v in sorted(groups.items())}
         summary[mode] = s
     if all(m in by for m in ("autonomous", "cot", "code")):
         hits, total = 0, 0
@@ -360,7 +366,8 @@ def print_table(summary, timing, wall):
         sa = summary["selection_accuracy"]
         print(f"selection accuracy: {sa['value']:.3f} over {sa['problems_with_oracle']} problems with an oracle")
     for mode, s in summary.items():
-        for key in ("accuracy_by_level", "accuracy_by_subject"):
+        whats = ("accuracy", "code_rate") if mode == "autonomous" else ("accuracy",)   # forced modes: 0 or 1
+        for key in [f"{what}_by_{g}" for g in GROUP_KEYS for what in whats]:
             if mode != "selection_accuracy" and key in s:
                 print(f"{mode} {key}: " + ", ".join(f"{g}={v:.2f}" for g, v in s[key].items()))
     print(f"wall time {wall:.0f} s")

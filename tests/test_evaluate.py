@@ -56,8 +56,12 @@ def test_metrics_and_selection_accuracy():
     records = [rec("a", "cot", 0, True, False), rec("a", "code", 0, True, True), rec("a", "autonomous", 0, True, False),
                rec("b", "cot", 0, False, False), rec("b", "code", 0, True, True), rec("b", "autonomous", 0, False, False),
                rec("c", "cot", 0, False, False), rec("c", "code", 0, False, True), rec("c", "autonomous", 0, False, True)]
+    for r, group in zip(records, "eeeeeeccc"):
+        r["group"] = {"e": "easy", "c": "compute"}[group]
     s = E.summarize(records, ["autonomous", "cot", "code"])
     assert s["cot"]["accuracy"] == pytest.approx(1 / 3) and s["code"]["code_rate"] == 1.0
+    assert s["autonomous"]["accuracy_by_group"] == {"compute": 0.0, "easy": 0.5}
+    assert s["autonomous"]["code_rate_by_group"] == {"compute": 1.0, "easy": 0.0}
     # oracle: a -> cot (tie, CoT preferred), b -> code, c -> none; autonomous chose cot, cot
     assert s["selection_accuracy"] == {"value": 0.5, "problems_with_oracle": 2}
     assert E.pass_at_k(4, 1, 1) == pytest.approx(0.25) and E.pass_at_k(4, 1, 4) == 1.0
