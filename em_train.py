@@ -181,9 +181,10 @@ def informative(record, ties="cot"):
     """Does a query carry evidence about c? Not when both decisions scored the same
     (all rewards equal included): then s_star only echoes the prior, and training pi(c|x)
     towards it would be imitation of the prefixes, not learning when to code. Except, under
-    `--ties cot`, a tie where both succeeded: that says "words suffice" (explore.py)."""
+    `--ties cot`, a tie where both succeeded (`--ties perfect`: always): that says "words
+    suffice" (explore.py)."""
     q = record["q_hat"]
-    return q["cot"] != q["code"] or (ties == "cot" and X.tied_success(q))
+    return q["cot"] != q["code"] or X.tied_success(q, ties)
 
 
 # ---------------------------------------------------------------------------------------

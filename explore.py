@@ -25,7 +25,8 @@ For each query x of the batch (paper section 2, "E-step" and "structured explora
      succeeded equally often, and at all, pi*Q prefers whichever the policy already leans
      to, so nothing ever teaches "words suffice here". The paper's selection-accuracy oracle
      prefers CoT when both succeed (no execution needed), so by default (`--ties cot`) such a
-     query gets s_star = CoT. `--ties none` leaves them to the formula above.
+     query gets s_star = CoT; `--ties perfect` only when both succeeded on every rollout.
+     `--ties none` leaves them to the formula above.
   7. Subsample `--keep` rollouts from the pooled 2K with weights s_star(c|x) / K, without
      replacement (failed rollouts stay eligible: the whitened advantage needs them).
 
@@ -54,7 +55,7 @@ DECISIONS = ("cot", "code")
 
 def reference_strategy(pi, q_hat, estep="softmax", alpha=5.0, ties="cot"):
     """s_star(c|x) for c in DECISIONS from pi(c|x) and q_hat(x,c) (dicts keyed by decision)."""
-    if ties == "cot" and tied_success(q_hat):
+    if tied_success(q_hat, ties):
         return {c: float(c == "cot") for c in DECISIONS}
     score = {c: pi[c] * q_hat[c] for c in DECISIONS}
     if estep == "softmax":             # max-subtracted: exp never overflows, whatever alpha
@@ -70,9 +71,16 @@ def reference_strategy(pi, q_hat, estep="softmax", alpha=5.0, ties="cot"):
     raise ValueError(f"unknown --estep {estep}")
 
 
-def tied_success(q_hat):
-    """Both decisions succeeded, equally often: the oracle's tie (words are cheaper)."""
-    return q_hat["cot"] == q_hat["code"] > 0
+def tied_success(q_hat, ties="cot"):
+    """Does the tie rule send this query to CoT (words are cheaper)? `cot`: both decisions
+    succeeded, equally often; `perfect`: both succeeded on every rollout. The paper's oracle
+    looks at one answer per decision; at q_hat 1/4 against 1/4 it would most often see
+    neither succeed, and treating such a tie as "words suffice" sent the built-in task's
+    story and next-number problems, where this model's code is right about twice as often as
+    its words, to words (README, Results)."""
+    if q_hat["cot"] != q_hat["code"] or ties == "none":
+        return False
+    return q_hat["cot"] == 1 if ties == "perfect" else q_hat["cot"] > 0
 
 
 def weighted_subsample(weights, keep, rng):
@@ -162,7 +170,7 @@ def add_args(ap):
     ap.add_argument("--native-k", type=int, default=2, help="unforced rollouts per query, to estimate pi(c|x)")
     ap.add_argument("--estep", default="softmax", choices=["softmax", "posterior", "hardmax"])
     ap.add_argument("--alpha", type=float, default=5.0)
-    ap.add_argument("--ties", default="cot", choices=["cot", "none"],
+    ap.add_argument("--ties", default="cot", choices=["cot", "perfect", "none"],
                     help="s_star when both decisions succeeded equally often: CoT (the oracle's rule), or the formula")
     ap.add_argument("--prior", default="native", choices=["native", "prefix", "uniform"])
     ap.add_argument("--keep", type=int, default=None, help="rollouts kept per query (default k)")

@@ -208,6 +208,10 @@ def test_a_successful_tie_trains_the_decision_under_ties_cot(tiny, tok):
     both = step_records(tiny, tok, [[0.0, 0.0, 0.0], [1.0, 1.0, 1.0]])
     g, terms = step_gradient(tiny, tok, both, args_for(batch_size=2))
     assert terms["loss_decision"] != 0 and g.abs().max() > 0
+    g_perfect, _ = step_gradient(tiny, tok, both, args_for(batch_size=2, ties="perfect"))
+    assert torch.equal(g_perfect, g)                             # a tie at q_hat 1 counts under both
+    half = {"q_hat": {"cot": 0.5, "code": 0.5}}                  # a tie at 1/2: only --ties cot trains on it
+    assert T.informative(half, "cot") and not T.informative(half, "perfect") and not T.informative(half, "none")
 
 
 def test_normalised_decision_term_is_cross_entropy(tiny, tok):

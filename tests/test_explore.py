@@ -27,6 +27,10 @@ def test_a_successful_tie_goes_to_cot_whatever_the_prior(estep):
     assert literal["code"] > literal["cot"]
     failed = X.reference_strategy(pi, {"cot": 0.0, "code": 0.0}, estep)   # no success: no evidence for words
     assert failed == X.reference_strategy(pi, {"cot": 0.0, "code": 0.0}, estep, ties="none")
+    # --ties perfect: only a tie at q_hat 1 says words suffice; 1/2 against 1/2 follows pi*Q
+    assert X.reference_strategy(pi, {"cot": 1.0, "code": 1.0}, estep, ties="perfect") == {"cot": 1.0, "code": 0.0}
+    half = X.reference_strategy(pi, {"cot": 0.5, "code": 0.5}, estep, ties="perfect")
+    assert half == X.reference_strategy(pi, {"cot": 0.5, "code": 0.5}, estep, ties="none") and half["code"] >= half["cot"]
 
 
 def test_posterior_is_proportional():
