@@ -628,7 +628,7 @@ class _Sampler:
         self.cache.plan(torch.tensor(slots, device=self.device), pos.masked_fill(~real, self.cache.capacity), width)
         mask = _attention_mask(pos, real, width, self.step.dtype)
         return self.model(input_ids=ids, position_ids=pos, attention_mask=mask, cache=self.cache,
-                          use_cache=True, logits_to_keep=1).logits[:, -1]
+                          use_cache=True, logits_to_keep=last_positions(size, 1, self.device)).logits[:, -1]
 
     def decode(self, part):
         """One token for each row in `part`; every other slot idles on the scratch column."""
@@ -768,6 +768,15 @@ def sample(model, tok, prompts, prefixes=None, *, max_new_tokens=512, temperatur
     return [r.out for r in sorted(run.finished, key=lambda r: r.index)]
 
 
+def last_positions(length, n, device):
+    """`logits_to_keep` for the last n of `length` positions, as indices rather than the count
+    transformers would slice with: a slice of the hidden states is strided, and a linear layer
+    on a strided 3-d input runs as a batched matmul that first copies the LM head's weight
+    once per row. Measured on this CPU for one prefill of 32 rows (bf16, 49k vocabulary): 2.8 s
+    and 1.8 GB more memory, against 0.03 s with the gathered (contiguous) rows."""
+    return torch.arange(length - n, length, device=device)
+
+
 # ---------------------------------------------------------------------------------------
 # Teacher forcing
 # ---------------------------------------------------------------------------------------
@@ -790,7 +799,7 @@ def sequence_logprobs(model, prompts, responses, temperature=1.0):
     ids, mask = ids.to(device), mask.to(device)
     positions = (mask.cumsum(1) - 1).clamp(min=0)
     logits = model(input_ids=ids, attention_mask=mask, position_ids=positions,
-                   logits_to_keep=R + 1).logits[:, :-1].float()
+                   logits_to_keep=last_positions(P + R, R + 1, device)).logits[:, :-1].float()
     if temperature != 1.0:
         logits = logits / temperature
     # log softmax at the chosen token only: no second [batch, length, vocab] tensor in memory

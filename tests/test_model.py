@@ -127,6 +127,23 @@ def test_forced_prefix_is_fed_and_masked(tiny, tok):
     assert outs[0].response_ids[len(prefix):] == ref[0, len(prompts[0]) + len(prefix):].tolist()
 
 
+def test_the_lm_head_only_sees_contiguous_rows(tiny, tok):
+    """Prefill (prompts of different lengths, a forced prefix, a shared demonstration) and
+    teacher forcing keep the LM head's input contiguous: a strided one makes the linear layer
+    copy the head's weight once per row (M.last_positions)."""
+    seen = []
+    hook = tiny.lm_head.register_forward_pre_hook(lambda mod, args: seen.append(args[0].is_contiguous()))
+    try:
+        demo = M.chat_prompt(tok, "What is 1+1?")
+        prompts = [demo + tok(q, add_special_tokens=False).input_ids for q in ("Hi.", "What is 2 + 3 times 4?", "7?")]
+        prefix = tok("Let's see.", add_special_tokens=False).input_ids
+        outs = M.sample(tiny, tok, prompts, [prefix] * 3, max_new_tokens=3, seed=0, code=False)
+        M.sequence_logprobs(tiny, [o.prompt_ids for o in outs], [o.response_ids for o in outs])
+    finally:
+        hook.remove()
+    assert len(seen) > 3 and all(seen)
+
+
 def test_code_block_runs_output_is_inserted_and_masked(tiny, tok):
     lm = code_writer(tiny, tok)
     prompts = [M.chat_prompt(tok, q) for q in QUESTIONS[:3]]
