@@ -25,7 +25,11 @@ Each iteration (paper section 2, "M-step" and "loop"):
      nothing about c, so by default it adds no decision term (`--decision-queries all`
      restores the literal form);
      the exception is a tie where both succeeded, which under `--ties cot` (default) is
-     evidence that words suffice, the paper's oracle rule (explore.py).
+     evidence that words suffice, the paper's oracle rule (explore.py; `--ties perfect`:
+     only where both always succeeded).
+     Each micro-batch runs two backwards, the ratio term's and then the decision term's
+     (`accumulate`): the same gradient as one backward of their sum, with one graph alive
+     at a time.
   4. Log one JSON line of metrics, evaluate every `--eval-every`, checkpoint atomically.
 
 Baselines, one flag away (`--algo`). What is equal across them, per query: the rollouts
@@ -385,7 +389,11 @@ def accumulate(model, micro, decide, ctx, args, stats, bar=None):
 
 
 def m_step(model, tok, opt, items, records, args, rng):
-    """`--epochs` passes over the items; returns averaged loss terms and optimiser stats."""
+    """`--epochs` passes over the items; returns averaged loss terms and optimiser stats.
+    In one process the gradients are allocated once, before the first forward, zeroed in
+    place between steps and freed at the end: allocated afresh in every step's first
+    backward, among the activations, they left holes the heap could not give back (every
+    parameter gets a gradient in every step, so AdamW sees the same as with None)."""
     model.train()
     ctx = {"prefixes": decision_prefixes(tok, args), "record_of": {r["query_id"]: r for r in records}}
     stats = {"loss_ratio": [], "loss_decision": [], "loss_kl": [], "loss_sft": [], "grad_norm": [],
@@ -402,12 +410,15 @@ def m_step(model, tok, opt, items, records, args, rng):
                                                         ctx["prefixes"]) if qs else []))
         ctx["trust_dropped"] = ctx["trust_seen"] = 0
     n_steps = D.all_max(len(steps))
+    if not args.fsdp:           # the gradients, allocated once before any activation (see the docstring)
+        for p in model.parameters():
+            p.grad = torch.zeros_like(p) if p.requires_grad else None
     bar = tqdm(total=sum(map(len, steps)), desc="M-step", unit="rollout", disable=not D.is_main())
     for s in range(n_steps):
         step = steps[s] if s < len(steps) else []
         micro, decide = plan_step(step, args.batch_size, ctx, args)
         ctx["terms"] = {"loss_ratio": 0.0, "loss_decision": 0.0, "loss_kl": 0.0, "loss_sft": 0.0}
-        opt.zero_grad(set_to_none=True)
+        opt.zero_grad(set_to_none=args.fsdp)
         accumulate(model, micro, decide, ctx, args, stats, bar)
         if step:
             for k, v in ctx["terms"].items():
@@ -508,7 +519,12 @@ def sampler_of(model, args):
     --fsdp the gathered parameters are already bf16 (distributed.shard's policy)."""
     if args.dtype == "fp32" or args.fsdp:
         return model
-    return copy.deepcopy(model).to(torch.bfloat16).eval()
+    # each weight cast straight to bf16 as the copy is made: deepcopy then .to() held a whole
+    # fp32 copy for a moment (0.54 GB for the embedded model, the run's highest peak)
+    memo = {id(t): torch.nn.Parameter(t.detach().to(torch.bfloat16), requires_grad=False)
+            for t in model.parameters() if t.is_floating_point()}
+    memo.update({id(b): b.to(torch.bfloat16) for b in model.buffers() if b.is_floating_point()})
+    return copy.deepcopy(model, memo).eval()
 
 
 def snap_to_bf16(model):

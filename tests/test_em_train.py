@@ -411,6 +411,18 @@ def test_sampler_gets_a_bf16_copy_and_the_master_stays_fp32(tiny):
     assert view is not tiny and next(view.parameters()).dtype == torch.bfloat16
     assert next(tiny.parameters()).dtype == torch.float32
     assert T.sampler_of(tiny, T.parse_args(["--model", "tiny", "--dtype", "fp32"])) is tiny
+    # the same model as copying and casting the whole: every tensor, tied weights still tied
+    import copy
+    whole = copy.deepcopy(tiny).to(torch.bfloat16)
+    mine, ref = view.state_dict(), whole.state_dict()
+    assert mine.keys() == ref.keys() and all(torch.equal(mine[k], ref[k]) and mine[k].dtype == ref[k].dtype for k in ref)
+    assert all(not p.requires_grad for p in view.parameters()) and not view.training
+    tied_master = copy.deepcopy(tiny)                   # the embedded model ties its LM head to the embedding
+    tied_master.lm_head.weight = tied_master.model.embed_tokens.weight
+    tied_view = T.sampler_of(tied_master, args)
+    assert tied_view.lm_head.weight is tied_view.model.embed_tokens.weight
+    x = torch.tensor([[1, 2, 3]])
+    assert torch.equal(view(x).logits, whole(x).logits)
 
 
 def test_release_freed_memory_returns_heap_holes_to_the_os():
@@ -468,3 +480,38 @@ def test_decision_trust_drops_a_query_once_its_pi_has_moved_far_enough(tiny, tok
     assert (ctx["trust_dropped"], ctx["trust_seen"]) == (1, 3)
     with pytest.raises(SystemExit, match="--decision-trust is for one process"):
         T.check_args(T.parse_args(["--model", "tiny", "--decision-trust", "0.1", "--fsdp"]))
+
+
+def test_m_step_steps_as_with_fresh_gradients_and_frees_them(tiny, tok):
+    """m_step allocates the gradients once and zeroes them in place (for memory): after
+    several steps the weights are those of fresh gradients every step, and no gradient
+    outlives the M-step."""
+    import copy
+    import random
+    records = step_records(tiny, tok, [[1.0, 0.0, 1.0], [0.0, 1.0, 1.0]])
+    args = args_for(batch_size=1, grad_accum=2, lr=1e-3)
+    items = T.training_data("em", records, "whiten", 99, random.Random(0))
+    a, b = copy.deepcopy(tiny), copy.deepcopy(tiny)
+    T.m_step(a, tok, torch.optim.AdamW(a.parameters(), lr=1e-3, weight_decay=0.0), items, records, args,
+             random.Random(1))
+    assert all(p.grad is None for p in a.parameters())
+    opt = torch.optim.AdamW(b.parameters(), lr=1e-3, weight_decay=0.0)
+    order = list(range(len(items)))
+    random.Random(1).shuffle(order)
+    ctx = {"prefixes": T.decision_prefixes(tok, args), "record_of": {r["query_id"]: r for r in records}}
+    stats = {"ratio_mean": [], "ratio_max": [], "clipped": 0, "ratio_n": 0}
+    b.train()
+    steps = [[items[i] for i in order[s:s + 2]] for s in range(0, len(order), 2)]
+    for step in steps:
+        micro, decide = T.plan_step(step, 1, ctx, args)
+        ctx["terms"] = {"loss_ratio": 0.0, "loss_decision": 0.0, "loss_kl": 0.0, "loss_sft": 0.0}
+        opt.zero_grad(set_to_none=True)
+        T.accumulate(b, micro, decide, ctx, args, stats)
+        torch.nn.utils.clip_grad_norm_(b.parameters(), args.max_grad_norm)
+        opt.step()
+    assert len(steps) >= 3
+    moved = 0
+    for (name, pa), pb, p0 in zip(a.named_parameters(), b.parameters(), tiny.parameters()):
+        assert torch.allclose(pa, pb, atol=1e-6, rtol=1e-5), name
+        moved += not torch.equal(pa, p0)
+    assert moved > 0
