@@ -389,11 +389,7 @@ def accumulate(model, micro, decide, ctx, args, stats, bar=None):
 
 
 def m_step(model, tok, opt, items, records, args, rng):
-    """`--epochs` passes over the items; returns averaged loss terms and optimiser stats.
-    In one process the gradients are allocated once, before the first forward, zeroed in
-    place between steps and freed at the end: allocated afresh in every step's first
-    backward, among the activations, they left holes the heap could not give back (every
-    parameter gets a gradient in every step, so AdamW sees the same as with None)."""
+    """`--epochs` passes over the items; returns averaged loss terms and optimiser stats."""
     model.train()
     ctx = {"prefixes": decision_prefixes(tok, args), "record_of": {r["query_id"]: r for r in records}}
     stats = {"loss_ratio": [], "loss_decision": [], "loss_kl": [], "loss_sft": [], "grad_norm": [],
@@ -410,15 +406,12 @@ def m_step(model, tok, opt, items, records, args, rng):
                                                         ctx["prefixes"]) if qs else []))
         ctx["trust_dropped"] = ctx["trust_seen"] = 0
     n_steps = D.all_max(len(steps))
-    if not args.fsdp:           # the gradients, allocated once before any activation (see the docstring)
-        for p in model.parameters():
-            p.grad = torch.zeros_like(p) if p.requires_grad else None
     bar = tqdm(total=sum(map(len, steps)), desc="M-step", unit="rollout", disable=not D.is_main())
     for s in range(n_steps):
         step = steps[s] if s < len(steps) else []
         micro, decide = plan_step(step, args.batch_size, ctx, args)
         ctx["terms"] = {"loss_ratio": 0.0, "loss_decision": 0.0, "loss_kl": 0.0, "loss_sft": 0.0}
-        opt.zero_grad(set_to_none=args.fsdp)
+        opt.zero_grad(set_to_none=True)
         accumulate(model, micro, decide, ctx, args, stats, bar)
         if step:
             for k, v in ctx["terms"].items():

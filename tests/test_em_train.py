@@ -482,10 +482,10 @@ def test_decision_trust_drops_a_query_once_its_pi_has_moved_far_enough(tiny, tok
         T.check_args(T.parse_args(["--model", "tiny", "--decision-trust", "0.1", "--fsdp"]))
 
 
-def test_m_step_steps_as_with_fresh_gradients_and_frees_them(tiny, tok):
-    """m_step allocates the gradients once and zeroes them in place (for memory): after
-    several steps the weights are those of fresh gradients every step, and no gradient
-    outlives the M-step."""
+def test_m_step_is_its_steps_and_frees_the_gradients(tiny, tok):
+    """m_step over several optimiser steps: the weights are those of the steps spelled out
+    (shuffle, plan_step, accumulate, clip, AdamW), and no gradient outlives the M-step (the
+    sampler runs next and needs the memory)."""
     import copy
     import random
     records = step_records(tiny, tok, [[1.0, 0.0, 1.0], [0.0, 1.0, 1.0]])
