@@ -75,9 +75,9 @@ def tied_success(q_hat, ties="cot"):
     """Does the tie rule send this query to CoT (words are cheaper)? `cot`: both decisions
     succeeded, equally often; `perfect`: both succeeded on every rollout. The paper's oracle
     looks at one answer per decision; at q_hat 1/4 against 1/4 it would most often see
-    neither succeed, and treating such a tie as "words suffice" sent the built-in task's
-    story and next-number problems, where this model's code is right about twice as often as
-    its words, to words (README, Results)."""
+    neither succeed, yet `cot` reads such a tie as "words suffice", also on kinds where this
+    model's code is right about twice as often as its words (story, next-number). One seed
+    with `perfect` ended no more accurate than one with `cot` (README, Results)."""
     if q_hat["cot"] != q_hat["code"] or ties == "none":
         return False
     return q_hat["cot"] == 1 if ties == "perfect" else q_hat["cot"] > 0
