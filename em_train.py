@@ -224,7 +224,7 @@ def training_data(algo, records, adv_mode, keep, rng):
 
 def native_records(model, tok, problems, n, args, seed):
     """The `rl` baseline's data: n unforced rollouts per query, graded."""
-    prompts = [E.chat(tok, p["question"], E.MODES["autonomous"]["instruction"], args.fewshot) for p in problems]
+    prompts = [E.autonomous_chat(tok, p["question"], args.fewshot, args.autonomous_prompt) for p in problems]
     jobs = [qi for qi in range(len(problems)) for _ in range(n)]
     records = []
     bar = E.Progress(len(jobs), "rollouts", enabled=D.is_main(), max_new_tokens=args.max_new_tokens)
@@ -557,7 +557,8 @@ def evaluate_iteration(model, tok, args, iteration, rank=0, world=1):
     out = os.path.join(args.out, f"eval-iter{iteration}", f"rank{rank}" if world > 1 else "")
     with D.gathered(model):
         records, _ = E.run(sampler_of(model, args), tok, problems, args.eval_modes, out, max_new_tokens=args.max_new_tokens,
-                           batch_size=args.sample_batch, fewshot=args.fewshot, progress=D.is_main())
+                           batch_size=args.sample_batch, fewshot=args.fewshot, progress=D.is_main(),
+                           autonomous=args.autonomous_prompt)
     release_freed_memory()
     records = D.gather(records)
     s = E.summarize(records, args.eval_modes)
@@ -581,7 +582,7 @@ def code_probability(model, tok, problems, args):
     """pi(code|x) at the token where the decisions' prefixes part, for each problem's
     autonomous prompt. The greedy code rate flips every query at once when a shared bias
     crosses 1/2; this shows whether the model tells kinds apart underneath."""
-    prompts = [E.chat(tok, p["question"], E.MODES["autonomous"]["instruction"], args.fewshot) for p in problems]
+    prompts = [E.autonomous_chat(tok, p["question"], args.fewshot, args.autonomous_prompt) for p in problems]
     with autocast(model, args):
         pi = choice_probability(model, prompts, decision_prefixes(tok, args))
     release_freed_memory()
@@ -763,7 +764,7 @@ def main(argv=None):
                                     prefixes_text={"cot": args.cot_prefix, "code": args.code_prefix},
                                     max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                     seed=seed + 7919 * rank, batch_size=args.sample_batch, fewshot=args.fewshot,
-                                    progress=D.is_main())
+                                    progress=D.is_main(), autonomous=args.autonomous_prompt)
         del policy
         release_freed_memory()          # the sampler's cache and the bf16 copy are gone: give them back
         t_sample = time.time() - t0

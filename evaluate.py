@@ -46,10 +46,16 @@ import grader
 # ---------------------------------------------------------------------------------------
 # Prompt modes: the one place the prompts live
 # ---------------------------------------------------------------------------------------
+# The autonomous instruction comes in two wordings (--autonomous-prompt). "invite" says code is
+# allowed; the untrained 135M model then codes on about 40% of compute problems. "neutral" names
+# neither words nor code; the model then almost never codes on its own (0-4% per kind), while
+# prefix-forced code still solves the compute kinds: the paper's starting point, where outcome-
+# reward RL from the base model rarely samples code and EM's forced exploration finds it.
+AUTONOMOUS = {"invite": "Solve the problem. You may use Python code in ```python blocks if it helps, "
+                        "and put your final answer within \\boxed{}.",
+              "neutral": "Solve the problem, and put your final answer within \\boxed{}."}
 MODES = {
-    "autonomous": {"instruction": "Solve the problem. You may use Python code in ```python blocks if it helps, "
-                                  "and put your final answer within \\boxed{}.",
-                   "prefix": "", "code": True},
+    "autonomous": {"instruction": AUTONOMOUS["invite"], "prefix": "", "code": True},
     "cot": {"instruction": "Please reason step by step, and put your final answer within \\boxed{}.",
             "prefix": "By hand: ", "code": False},
     "code": {"instruction": "Please integrate natural language reasoning with programs to solve the problem above, "
@@ -75,6 +81,11 @@ def chat(tok, question, instruction, fewshot=True):
     """The prompt of one question: the demonstration turns (if fewshot), then the question."""
     import model as M
     return M.chat_prompt(tok, question, instruction, shots=FEWSHOT if fewshot else ())
+
+
+def autonomous_chat(tok, question, fewshot=True, autonomous="invite"):
+    """The autonomous prompt (the model decides) in the wording `autonomous` of AUTONOMOUS."""
+    return chat(tok, question, AUTONOMOUS[autonomous], fewshot)
 
 
 # ---------------------------------------------------------------------------------------
@@ -163,10 +174,10 @@ def grade(problem, text):
     return pred, grader.is_equiv(pred, problem["answer"], numeric=problem["numeric"])
 
 
-def prompt_for(tok, problem, mode, fewshot=True):
-    import model as M
+def prompt_for(tok, problem, mode, fewshot=True, autonomous="invite"):
     spec = MODES[mode]
-    return (chat(tok, problem["question"], spec["instruction"], fewshot),
+    instruction = AUTONOMOUS[autonomous] if mode == "autonomous" else spec["instruction"]
+    return (chat(tok, problem["question"], instruction, fewshot),
             tok(spec["prefix"], add_special_tokens=False).input_ids if spec["prefix"] else [])
 
 
@@ -249,7 +260,7 @@ class Progress:
 
 
 def run(model, tok, problems, modes, out_dir, n=1, temperature=0.0, max_new_tokens=512, batch_size=16,
-        seed=0, fewshot=True, progress=True):
+        seed=0, fewshot=True, progress=True, autonomous="invite"):
     """Sample, grade and record every (problem, mode, sample). Returns all records."""
     import model as M
     os.makedirs(out_dir, exist_ok=True)
@@ -264,7 +275,7 @@ def run(model, tok, problems, modes, out_dir, n=1, temperature=0.0, max_new_toke
             chunk = todo[start:start + batch_size]
             for mode in dict.fromkeys(m for _, m, _ in chunk):
                 part = [(p, k) for p, m, k in chunk if m == mode]
-                prompts, prefixes = zip(*(prompt_for(tok, p, mode, fewshot) for p, _ in part))
+                prompts, prefixes = zip(*(prompt_for(tok, p, mode, fewshot, autonomous) for p, _ in part))
                 t = time.time()
                 outs = M.sample(model, tok, list(prompts), list(prefixes), max_new_tokens=max_new_tokens,
                                 greedy=temperature == 0, temperature=max(temperature, 1e-5),
@@ -481,6 +492,8 @@ def main(argv=None):
     ap.add_argument("--max-new-tokens", type=int, default=512)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--no-fewshot", dest="fewshot", action="store_false", help="zero-shot prompts (drop FEWSHOT)")
+    ap.add_argument("--autonomous-prompt", default="invite", choices=list(AUTONOMOUS),
+                    help="the autonomous instruction: invite code, or name neither decision (see AUTONOMOUS)")
     ap.add_argument("--out", default=None, help="output directory (default results/<data>-<model>)")
     args = ap.parse_args(argv)
     check_args(args)
@@ -501,13 +514,14 @@ def main(argv=None):
     t = time.time()
     records, timing = run(model, tok, problems, args.modes, out, n=args.n, temperature=args.temperature,
                           max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, seed=args.seed,
-                          fewshot=args.fewshot)
+                          fewshot=args.fewshot, autonomous=args.autonomous_prompt)
     wall = time.time() - t
     ids = {p["id"] for p in problems}
     summary = summarize([r for r in records if r["id"] in ids], args.modes)
     summary["_run"] = {"data": args.data, "model": args.model, "n": args.n, "temperature": args.temperature,
                        "max_new_tokens": args.max_new_tokens, "timing": timing, "wall_s": wall,
                        "grader_timeouts": grader.TIMEOUTS, "prompts": MODES,
+                       "autonomous_instruction": AUTONOMOUS[args.autonomous_prompt],
                        "fewshot": FEWSHOT if args.fewshot else None}
     write_json_atomic(os.path.join(out, "summary.json"), summary)
     print_table({k: v for k, v in summary.items() if k != "_run"}, timing, wall)

@@ -101,7 +101,7 @@ def prefix_prior(model, tok, prompt, prefixes):
 
 def explore(model, tok, problems, k=4, native_k=2, estep="softmax", alpha=5.0, prior="native", keep=None,
             prefixes_text=None, max_new_tokens=384, temperature=1.0, seed=0, batch_size=32, fewshot=True,
-            progress=True, ties="cot"):
+            progress=True, ties="cot", autonomous="invite"):
     """Run the E-step over `problems`; return one record per rollout (see the docstring).
     Rollouts of all queries for one decision are sampled together, `batch_size` at a time.
     Sampling is plain temperature sampling (no top-p / top-k): the M-step's teacher-forced
@@ -112,8 +112,7 @@ def explore(model, tok, problems, k=4, native_k=2, estep="softmax", alpha=5.0, p
         raise ValueError("the E-step samples at a temperature > 0 (greedy rollouts have no behaviour policy)")
     prefixes_text = prefixes_text or {c: E.MODES[c]["prefix"] for c in DECISIONS}
     prefixes = {c: tok(prefixes_text[c], add_special_tokens=False).input_ids for c in DECISIONS}
-    instruction = E.MODES["autonomous"]["instruction"]
-    prompts = [E.chat(tok, p["question"], instruction, fewshot) for p in problems]
+    prompts = [E.autonomous_chat(tok, p["question"], fewshot, autonomous) for p in problems]
     keep = keep or k
     rng = random.Random(seed)
     jobs = [(c, qi) for c in DECISIONS for qi in range(len(problems)) for _ in range(k)]
@@ -180,6 +179,8 @@ def add_args(ap):
     ap.add_argument("--temperature", type=float, default=0.5)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-fewshot", dest="fewshot", action="store_false", help="drop evaluate.FEWSHOT")
+    ap.add_argument("--autonomous-prompt", default="invite", choices=list(E.AUTONOMOUS),
+                    help="the prompt's instruction (evaluate.AUTONOMOUS): invite code, or name neither decision")
 
 
 def check_estep_args(args, uses_prior=True):
@@ -219,7 +220,7 @@ def main(argv=None):
     model, tok = M.load_model(args.model, args.dtype, device)
     records = explore(model, tok, problems, args.k, args.native_k, args.estep, args.alpha, args.prior, args.keep,
                       {"cot": args.cot_prefix, "code": args.code_prefix}, args.max_new_tokens, args.temperature,
-                      args.seed, fewshot=args.fewshot, ties=args.ties)
+                      args.seed, fewshot=args.fewshot, ties=args.ties, autonomous=args.autonomous_prompt)
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     write_jsonl_atomic(args.out, records)
     by = {}

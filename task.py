@@ -152,14 +152,14 @@ def problems(split="train", n=200, groups=("compute", "easy"), seed=0):
 
 
 def measure(model, tok, per_kind=8, k=4, native_k=4, max_new_tokens=64, temperature=0.5, seed=0,
-            groups=("compute", "easy", "hard")):
+            groups=("compute", "easy", "hard"), autonomous="invite"):
     """q_hat(cot), q_hat(code) and the native code rate per kind, from the E-step's own
     prefix-forced rollouts (explore.explore), for the table in the README."""
     import explore as X
     n_kinds = sum(g in groups for g, _ in KINDS.values())
     probs = problems("train", per_kind * n_kinds, groups, seed)
     records = X.explore(model, tok, probs, k=k, native_k=native_k, max_new_tokens=max_new_tokens,
-                        temperature=temperature, seed=seed)
+                        temperature=temperature, seed=seed, autonomous=autonomous)
     kind_of = {p["id"]: p["subject"] for p in probs}
     rows = {}
     for r in records:
@@ -221,6 +221,8 @@ def main():
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--temperature", type=float, default=0.5)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--autonomous-prompt", default="invite", choices=["invite", "neutral"],
+                    help="the instruction of the measured prompts (evaluate.AUTONOMOUS)")
     ap.add_argument("--from-explore", nargs="+", metavar="JSONL", help="tabulate E-step records instead of sampling")
     args = ap.parse_args()
     if args.from_explore:
@@ -233,9 +235,11 @@ def main():
     import json
     import model as M
     model, tok = M.load_model(args.model, args.dtype, "cuda" if __import__("torch").cuda.is_available() else "cpu")
-    table = measure(model, tok, args.per_kind, args.k, args.k, args.max_new_tokens, args.temperature, args.seed)
+    table = measure(model, tok, args.per_kind, args.k, args.k, args.max_new_tokens, args.temperature, args.seed,
+                    groups, autonomous=args.autonomous_prompt)
     print_table(table)
-    print(json.dumps({"model": args.model, "per_kind": args.per_kind, "k": args.k, "table": table}))
+    print(json.dumps({"model": args.model, "per_kind": args.per_kind, "k": args.k,
+                      "autonomous_prompt": args.autonomous_prompt, "table": table}))
 
 
 if __name__ == "__main__":
