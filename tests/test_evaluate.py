@@ -81,3 +81,14 @@ def test_end_to_end_tiny_and_resume(tiny, tok, tmp_path):
     assert len(recs2) == 6 and len(open(os.path.join(out, "samples.jsonl")).read().splitlines()) == 6
     s = E.summarize(recs2, ["cot", "code"])
     assert s["cot"]["accuracy_by_level"].keys() == {"Level 1", "Level 2"}
+
+
+def test_autonomous_prompt_wording_changes_only_the_autonomous_mode(tok):
+    """--autonomous-prompt picks the autonomous instruction; the forced modes keep theirs."""
+    p = E.load_problems("builtin:test", 1)[0]
+    for mode in E.MODES:
+        invite = tok.decode(E.prompt_for(tok, p, mode)[0])
+        neutral = tok.decode(E.prompt_for(tok, p, mode, autonomous="neutral")[0])
+        assert (invite != neutral) == (mode == "autonomous")
+    assert E.AUTONOMOUS["neutral"] in tok.decode(E.prompt_for(tok, p, "autonomous", autonomous="neutral")[0])
+    assert E.AUTONOMOUS["invite"] in tok.decode(E.prompt_for(tok, p, "autonomous")[0])
