@@ -9,7 +9,8 @@ Pieces, top to bottom:
            (question / "... #### n"), AIME (integer answer), AMC (float answer) formats, and
            the project's built-in task (`builtin:train`, `builtin:test`, see task.py).
            Malformed input fails with file:line and the field.
-  modes    MODES: autonomous (a neutral prompt; the model decides), forced CoT, forced code.
+  modes    MODES: autonomous (the model decides; AUTONOMOUS holds its two wordings, one that
+           invites code and a neutral one), forced CoT, forced code.
            A forced mode is a prompt instruction plus a forced start of the response; forced
            CoT also runs no code. explore.py forces its decisions with the same prefixes.
   grading  grader.py (extract_answer / is_equiv); GSM8K, AIME, AMC and built-in answers

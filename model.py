@@ -56,6 +56,7 @@ from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 
 import torch
+import torch.utils.checkpoint
 
 DEFAULT_MODEL = "smollm2-135m"
 CACHE_DIR = os.environ.get("AUTOCODE_CACHE", os.path.expanduser("~/.cache/autocode"))
@@ -780,12 +781,17 @@ def last_positions(length, n, device):
 # ---------------------------------------------------------------------------------------
 # Teacher forcing
 # ---------------------------------------------------------------------------------------
-def sequence_logprobs(model, prompts, responses, temperature=1.0):
+def sequence_logprobs(model, prompts, responses, temperature=1.0, chunk=256):
     """Log-probs of each response token given its prompt, one tensor per sequence.
 
     One padded forward: prompts left-padded, responses right-padded, so every response
-    starts at the same column and only those columns go through the LM head. Keeps the
-    graph (call under torch.no_grad() when no gradient is wanted).
+    starts at the same column and only those columns go through the LM head. The log-softmax
+    then runs on the positions that predict a real response token (not the padding), `chunk`
+    of them at a time, and when a gradient is wanted it is recomputed in backward (activation
+    checkpointing): only one chunk's float logits are ever in memory. Before, a micro-batch
+    holding one 486-token response beside three short ones made float and tempered copies of
+    4 x 487 x 49k logits, and with their gradients they came to 1.5 GB of the M-step's peak.
+    Keeps the graph (call under torch.no_grad() when no gradient is wanted).
     """
     device = next(model.parameters()).device
     P = max(len(p) for p in prompts)
@@ -799,12 +805,26 @@ def sequence_logprobs(model, prompts, responses, temperature=1.0):
     ids, mask = ids.to(device), mask.to(device)
     positions = (mask.cumsum(1) - 1).clamp(min=0)
     logits = model(input_ids=ids, attention_mask=mask, position_ids=positions,
-                   logits_to_keep=last_positions(P + R, R + 1, device)).logits[:, :-1].float()
-    if temperature != 1.0:
-        logits = logits / temperature
-    # log softmax at the chosen token only: no second [batch, length, vocab] tensor in memory
-    logp = logits.gather(2, ids[:, P:, None]).squeeze(2) - torch.logsumexp(logits, dim=-1)
-    return [logp[i, :len(r)] for i, r in enumerate(responses)]
+                   logits_to_keep=last_positions(P + R - 1, R, device)).logits   # column j predicts token j
+    lengths = [len(r) for r in responses]
+    rows = torch.repeat_interleave(torch.arange(len(responses)), torch.tensor(lengths)).to(device)
+    cols = torch.cat([torch.arange(n) for n in lengths]).to(device)
+    logits, targets = logits[rows, cols], ids[rows, P + cols]          # [tokens, vocab], [tokens]
+    parts = []
+    for part, target in zip(logits.split(chunk), targets.split(chunk)):
+        if torch.is_grad_enabled():
+            parts.append(torch.utils.checkpoint.checkpoint(_token_logprobs, part, target, temperature,
+                                                           use_reentrant=False))
+        else:
+            parts.append(_token_logprobs(part, target, temperature))
+    return list(torch.cat(parts).split(lengths))
+
+
+def _token_logprobs(logits, targets, temperature):
+    """log softmax(logits / temperature) at the target tokens, in fp32: the gather minus the
+    logsumexp, so no second [positions, vocab] tensor is made."""
+    logits = logits.float() / temperature if temperature != 1.0 else logits.float()
+    return logits.gather(1, targets[:, None]).squeeze(1) - torch.logsumexp(logits, dim=-1)
 
 
 def check_args(args):

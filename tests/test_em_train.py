@@ -184,8 +184,8 @@ def test_step_gradient_does_not_depend_on_micro_batching(tiny, tok):
     runs = [step_gradient(tiny, tok, records, args_for(batch_size=b, kl_coef=0.1)) for b in (9, 3, 1)]
     for g, terms in runs[1:]:
         assert terms["loss_decision"] == pytest.approx(runs[0][1]["loss_decision"], rel=1e-5)
-        assert torch.allclose(g, runs[0][0], atol=1e-6, rtol=1e-4)
-    assert runs[0][1]["loss_decision"] != 0 and runs[0][0].abs().max() > 0
+        assert torch.allclose(g, runs[0][0], atol=1e-5, rtol=1e-4)   # fp32 sums in another order: ~1e-6
+    assert runs[0][1]["loss_decision"] != 0 and runs[0][0].abs().max() > 1
 
 
 def test_uninformative_queries_do_not_move_the_decision(tiny, tok):

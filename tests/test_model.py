@@ -23,7 +23,8 @@ class Bigram(torch.nn.Module):
 
     def forward(self, input_ids, logits_to_keep=0, **kw):
         out = self.inner(input_ids=input_ids, logits_to_keep=logits_to_keep, **kw)
-        last = input_ids[:, -out.logits.shape[1]:]
+        kept = logits_to_keep if torch.is_tensor(logits_to_keep) else slice(-out.logits.shape[1], None)
+        last = input_ids[:, kept]                  # the input token at each position kept
         for a, b in self.pairs:
             out.logits[..., b] += self.strength * (last == a)
         return out
@@ -142,6 +143,33 @@ def test_the_lm_head_only_sees_contiguous_rows(tiny, tok):
     finally:
         hook.remove()
     assert len(seen) > 3 and all(seen)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.5])
+def test_teacher_forcing_matches_a_full_log_softmax_in_value_and_gradient(tiny, tok, temperature):
+    """sequence_logprobs (log-softmax on real response positions only, `chunk` at a time,
+    recomputed in backward) against the plain computation: every position's logits, one
+    log_softmax, a gather. Responses of very different lengths (one empty) and a chunk smaller
+    than the tokens, so padding, chunk borders and checkpointing are all crossed."""
+    prompts = [tok(q, add_special_tokens=False).input_ids for q in ("Hi.", "What is 2 + 3 times 4?", "7?")]
+    responses = [tok(r, add_special_tokens=False).input_ids for r in ("Fourteen, since 3 * 4 = 12 and 2 + 12 = 14.", "", "Eight.")]
+    tiny.zero_grad(set_to_none=True)
+    got = M.sequence_logprobs(tiny, prompts, responses, temperature, chunk=5)
+    sum(lp.sum() * (i + 1) for i, lp in enumerate(got)).backward()
+    grad = torch.cat([p.grad.flatten() for p in tiny.parameters()])
+    tiny.zero_grad(set_to_none=True)
+    want = []
+    for p, r in zip(prompts, responses):                       # one sequence at a time, no padding
+        ids = torch.tensor([p + r])
+        logp = torch.log_softmax(tiny(input_ids=ids).logits[0, len(p) - 1:-1].float() / temperature, -1)
+        want.append(logp.gather(1, torch.tensor(r, dtype=torch.long)[:, None]).squeeze(1))
+    sum(lp.sum() * (i + 1) for i, lp in enumerate(want)).backward()
+    ref = torch.cat([p.grad.flatten() for p in tiny.parameters()])
+    tiny.zero_grad(set_to_none=True)
+    assert [len(g) for g in got] == [len(r) for r in responses]
+    for g, w in zip(got, want):
+        assert torch.allclose(g, w, atol=1e-4), (g, w)
+    assert ref.abs().max() > 0 and torch.allclose(grad, ref, atol=1e-5, rtol=1e-3)
 
 
 def test_code_block_runs_output_is_inserted_and_masked(tiny, tok):
