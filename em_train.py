@@ -251,8 +251,20 @@ def plan_step(step, batch_size, ctx, args):
     """Split one optimiser step into micro-batches and fix what normalises its loss, so the
     step's gradient does not depend on how it is split: the ratio term is averaged over the
     step's units (tokens or sequences), the decision term over the step's queries, and each
-    query's decision term is added once, in the first micro-batch that holds one of its items."""
-    micro = [step[j:j + batch_size] for j in range(0, len(step), batch_size)]
+    query's decision term is added once, in the first micro-batch that holds one of its items.
+    Items are sorted by length, so that similar lengths pad together, and a micro-batch takes at
+    most `batch_size` of them and at most `--micro-tokens` padded tokens (one item alone may
+    exceed it): a 486-token response otherwise padded three short ones to its length, and that
+    micro-batch set the run's peak memory."""
+    micro, P, R = [], 0, 0              # the current micro-batch pads to P + R (sequence_logprobs)
+    for it in sorted(step, key=lambda it: len(it["prompt_ids"]) + len(it["response_ids"])):
+        p, r = len(it["prompt_ids"]), len(it["response_ids"])
+        if micro and len(micro[-1]) < batch_size and (len(micro[-1]) + 1) * (max(P, p) + max(R, r)) <= args.micro_tokens:
+            micro[-1].append(it)
+            P, R = max(P, p), max(R, r)
+        else:
+            micro.append([it])
+            P, R = p, r
     per_token = args.ratio == "token" or args.algo == "sft"
     first = {}
     for j, mb in enumerate(micro):
@@ -605,6 +617,9 @@ def parse_args(argv=None):
     ap.add_argument("--lr", type=float, default=2e-5)
     ap.add_argument("--batch-size", type=int, default=4, help="sequences per forward (micro-batch)")
     ap.add_argument("--grad-accum", type=int, default=4, help="micro-batches per optimizer step")
+    ap.add_argument("--micro-tokens", type=int, default=1536,
+                    help="at most this many padded tokens per micro-batch (rows x longest prompt + response); "
+                         "--batch-size * --grad-accum items still make one optimizer step")
     ap.add_argument("--max-grad-norm", type=float, default=1.0)
     ap.add_argument("--clip-eps", type=float, default=0.2)
     ap.add_argument("--decision-coef", type=float, default=1.0, help="lambda")
@@ -651,7 +666,7 @@ def check_args(args):
     """Every flag and file, before the model loads or anything is written (one line each).
     Returns the number of training problems in a --data file (None for built-in or hub data)."""
     E.check_numbers(args, positive=("--train-size", "--iterations", "--queries-per-iter", "--epochs", "--lr",
-                                    "--batch-size", "--grad-accum", "--max-grad-norm", "--clip-eps",
+                                    "--batch-size", "--grad-accum", "--micro-tokens", "--max-grad-norm", "--clip-eps",
                                     "--sample-batch", "--eval-n"),
                     non_negative=("--decision-coef", "--decision-trust", "--kl-coef", "--eval-every"))
     if args.decision_trust and args.fsdp:

@@ -540,3 +540,23 @@ def test_autonomous_prompt_reaches_every_rollout_and_evaluation(tmp_path, tok, m
     assert len(seen) >= 2 * (2 * 2 + 2) + 2 * 2 * 2          # training rollouts + two evaluations (+ pi)
     assert all(E.AUTONOMOUS["neutral"] in s and E.AUTONOMOUS["invite"] not in s for s in seen)
     assert "Python" not in E.AUTONOMOUS["neutral"] and "code" not in E.AUTONOMOUS["neutral"]
+
+
+def test_micro_batches_pad_similar_lengths_within_a_token_budget():
+    """plan_step sorts a step's items by length and closes a micro-batch at --batch-size items
+    or --micro-tokens padded tokens; an item longer than the budget goes alone. Every item is
+    in exactly one micro-batch."""
+    rng = __import__("random").Random(0)
+    step = [{"query_id": f"q{i % 5}", "prompt_ids": [1] * rng.randint(150, 230),
+             "response_ids": [2] * rng.choice([20, 40, 60, 300, 490]), "mask": [1]} for i in range(16)]
+    step.append({"query_id": "q9", "prompt_ids": [1] * 200, "response_ids": [2] * 2000, "mask": [1]})
+    args = args_for(algo="rl", micro_tokens=1536)
+    micro, _ = T.plan_step(step, 4, {"record_of": {}}, args)
+    assert sorted(id(it) for mb in micro for it in mb) == sorted(id(it) for it in step)
+    for mb in micro:
+        padded = len(mb) * (max(len(it["prompt_ids"]) for it in mb) + max(len(it["response_ids"]) for it in mb))
+        assert len(mb) <= 4 and (padded <= 1536 or len(mb) == 1), [len(it["response_ids"]) for it in mb]
+    lengths = [len(it["prompt_ids"]) + len(it["response_ids"]) for mb in micro for it in mb]
+    assert lengths == sorted(lengths)
+    assert len(micro[-1]) == 1 and len(micro[-1][0]["response_ids"]) == 2000
+    assert max(map(len, micro)) == 4            # short items still fill a micro-batch
