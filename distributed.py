@@ -205,7 +205,9 @@ def memory_plan(s, world=1, dtype="bf16", micro_batch=4, prompt_len=200, new_tok
         per_token = L * c * h + per_token_layer
     else:
         per_token = L * per_token_layer
-    logits = micro_batch * (new_tokens + 8) * V * (c + 4 + 4)   # head output, its fp32 copy, its gradient
+    # the head's output, the copy of its real (unpadded) positions and their gradient, in the compute
+    # dtype, and one chunk of 256 positions log-softmaxed in fp32 (model.sequence_logprobs)
+    logits = micro_batch * (new_tokens + 8) * V * 3 * c + 256 * V * 12
     p["activations"] = tokens * per_token + logits
     cap = max(64, 2 * prompt_len)                     # model.GrowingLayer: capacity doubles when full
     while cap < prompt_len + 8 + new_tokens:

@@ -52,7 +52,10 @@ and, clipped, soon carries no gradient; sequence_mean is its length-normalised f
 only the kept ones; `--decision-coef` (lambda) 1; `--kl-coef` 0 (if set, the k3 estimate of
 KL(pi_old || pi_theta) on the sampled tokens); AdamW, grad-norm clip 1.0. Sampling is plain
 temperature sampling, which the loss also uses so that ratio = 1 on-policy; top-p and
-top-k are refused in training, because teacher forcing uses the full softmax.
+top-k are refused in training, because teacher forcing uses the full softmax. The
+autonomous prompt of every rollout and evaluation is `--autonomous-prompt neutral` (names
+neither decision; the untrained embedded model then almost never codes by itself) or
+`invite` (evaluate.AUTONOMOUS): which one decides what `rl` can discover (README, Results).
 
 Run:  python em_train.py                                     # SmolLM2-135M, built-in task, CPU
       python em_train.py --model tiny --iterations 2        # the whole loop in about a minute

@@ -47,16 +47,17 @@ import grader
 # ---------------------------------------------------------------------------------------
 # Prompt modes: the one place the prompts live
 # ---------------------------------------------------------------------------------------
-# The autonomous instruction comes in two wordings (--autonomous-prompt). "invite" says code is
-# allowed; the untrained 135M model then codes on about 40% of compute problems. "neutral" names
-# neither words nor code; the model then almost never codes on its own (0-4% per kind), while
-# prefix-forced code still solves the compute kinds: the paper's starting point, where outcome-
-# reward RL from the base model rarely samples code and EM's forced exploration finds it.
-AUTONOMOUS = {"invite": "Solve the problem. You may use Python code in ```python blocks if it helps, "
-                        "and put your final answer within \\boxed{}.",
-              "neutral": "Solve the problem, and put your final answer within \\boxed{}."}
+# The autonomous instruction comes in two wordings (--autonomous-prompt). "neutral" (default, the
+# paper's "neutral prompt") names neither words nor code: the untrained 135M model then almost
+# never codes on its own (0-4% per kind) while prefix-forced code still solves the compute kinds,
+# the paper's starting point, where outcome-reward RL from the base model rarely samples code
+# (README, Results). "invite" says code is allowed: the model then codes on about 40% of compute
+# problems, and `rl` finds code by itself.
+AUTONOMOUS = {"neutral": "Solve the problem, and put your final answer within \\boxed{}.",
+              "invite": "Solve the problem. You may use Python code in ```python blocks if it helps, "
+                        "and put your final answer within \\boxed{}."}
 MODES = {
-    "autonomous": {"instruction": AUTONOMOUS["invite"], "prefix": "", "code": True},
+    "autonomous": {"instruction": AUTONOMOUS["neutral"], "prefix": "", "code": True},
     "cot": {"instruction": "Please reason step by step, and put your final answer within \\boxed{}.",
             "prefix": "By hand: ", "code": False},
     "code": {"instruction": "Please integrate natural language reasoning with programs to solve the problem above, "
@@ -84,7 +85,7 @@ def chat(tok, question, instruction, fewshot=True):
     return M.chat_prompt(tok, question, instruction, shots=FEWSHOT if fewshot else ())
 
 
-def autonomous_chat(tok, question, fewshot=True, autonomous="invite"):
+def autonomous_chat(tok, question, fewshot=True, autonomous="neutral"):
     """The autonomous prompt (the model decides) in the wording `autonomous` of AUTONOMOUS."""
     return chat(tok, question, AUTONOMOUS[autonomous], fewshot)
 
@@ -175,7 +176,7 @@ def grade(problem, text):
     return pred, grader.is_equiv(pred, problem["answer"], numeric=problem["numeric"])
 
 
-def prompt_for(tok, problem, mode, fewshot=True, autonomous="invite"):
+def prompt_for(tok, problem, mode, fewshot=True, autonomous="neutral"):
     spec = MODES[mode]
     instruction = AUTONOMOUS[autonomous] if mode == "autonomous" else spec["instruction"]
     return (chat(tok, problem["question"], instruction, fewshot),
@@ -261,7 +262,7 @@ class Progress:
 
 
 def run(model, tok, problems, modes, out_dir, n=1, temperature=0.0, max_new_tokens=512, batch_size=16,
-        seed=0, fewshot=True, progress=True, autonomous="invite"):
+        seed=0, fewshot=True, progress=True, autonomous="neutral"):
     """Sample, grade and record every (problem, mode, sample). Returns all records."""
     import model as M
     os.makedirs(out_dir, exist_ok=True)
@@ -493,7 +494,7 @@ def main(argv=None):
     ap.add_argument("--max-new-tokens", type=int, default=512)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--no-fewshot", dest="fewshot", action="store_false", help="zero-shot prompts (drop FEWSHOT)")
-    ap.add_argument("--autonomous-prompt", default="invite", choices=list(AUTONOMOUS),
+    ap.add_argument("--autonomous-prompt", default="neutral", choices=list(AUTONOMOUS),
                     help="the autonomous instruction: invite code, or name neither decision (see AUTONOMOUS)")
     ap.add_argument("--out", default=None, help="output directory (default results/<data>-<model>)")
     args = ap.parse_args(argv)

@@ -101,7 +101,7 @@ def prefix_prior(model, tok, prompt, prefixes):
 
 def explore(model, tok, problems, k=4, native_k=2, estep="softmax", alpha=5.0, prior="native", keep=None,
             prefixes_text=None, max_new_tokens=384, temperature=1.0, seed=0, batch_size=32, fewshot=True,
-            progress=True, ties="cot", autonomous="invite"):
+            progress=True, ties="cot", autonomous="neutral"):
     """Run the E-step over `problems`; return one record per rollout (see the docstring).
     Rollouts of all queries for one decision are sampled together, `batch_size` at a time.
     Sampling is plain temperature sampling (no top-p / top-k): the M-step's teacher-forced
@@ -179,7 +179,7 @@ def add_args(ap):
     ap.add_argument("--temperature", type=float, default=0.5)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-fewshot", dest="fewshot", action="store_false", help="drop evaluate.FEWSHOT")
-    ap.add_argument("--autonomous-prompt", default="invite", choices=list(E.AUTONOMOUS),
+    ap.add_argument("--autonomous-prompt", default="neutral", choices=list(E.AUTONOMOUS),
                     help="the prompt's instruction (evaluate.AUTONOMOUS): invite code, or name neither decision")
 
 

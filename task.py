@@ -152,7 +152,7 @@ def problems(split="train", n=200, groups=("compute", "easy"), seed=0):
 
 
 def measure(model, tok, per_kind=8, k=4, native_k=4, max_new_tokens=64, temperature=0.5, seed=0,
-            groups=("compute", "easy", "hard"), autonomous="invite"):
+            groups=("compute", "easy", "hard"), autonomous="neutral"):
     """q_hat(cot), q_hat(code) and the native code rate per kind, from the E-step's own
     prefix-forced rollouts (explore.explore), for the table in the README."""
     import explore as X
@@ -221,7 +221,7 @@ def main():
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--temperature", type=float, default=0.5)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--autonomous-prompt", default="invite", choices=["invite", "neutral"],
+    ap.add_argument("--autonomous-prompt", default="neutral", choices=["neutral", "invite"],
                     help="the instruction of the measured prompts (evaluate.AUTONOMOUS)")
     ap.add_argument("--from-explore", nargs="+", metavar="JSONL", help="tabulate E-step records instead of sampling")
     args = ap.parse_args()

@@ -519,9 +519,9 @@ def test_m_step_is_its_steps_and_frees_the_gradients(tiny, tok):
 
 @pytest.mark.parametrize("algo", ["em", "rl"])
 def test_autonomous_prompt_reaches_every_rollout_and_evaluation(tmp_path, tok, monkeypatch, algo):
-    """--autonomous-prompt neutral: the E-step's forced and native rollouts, rl's rollouts, the
-    evaluation's autonomous samples and pi(code|x) all see the neutral instruction, never the
-    one that invites code."""
+    """--autonomous-prompt invite (not the default): the E-step's forced and native rollouts,
+    rl's rollouts, the evaluation's autonomous samples and pi(code|x) all see the inviting
+    instruction, never the default neutral one."""
     import evaluate as E
     seen = []
     real_sample, real_choice = M.sample, T.choice_probability
@@ -535,10 +535,10 @@ def test_autonomous_prompt_reaches_every_rollout_and_evaluation(tmp_path, tok, m
         return real_choice(model, prompts, *a, **kw)
     monkeypatch.setattr(M, "sample", spy_sample)
     monkeypatch.setattr(T, "choice_probability", spy_choice)
-    T.main(FAST + ["--iterations", "1", "--algo", algo, "--eval-modes", "autonomous", "--autonomous-prompt", "neutral",
+    T.main(FAST + ["--iterations", "1", "--algo", algo, "--eval-modes", "autonomous", "--autonomous-prompt", "invite",
                    "--out", str(tmp_path / algo)])
     assert len(seen) >= 2 * (2 * 2 + 2) + 2 * 2 * 2          # training rollouts + two evaluations (+ pi)
-    assert all(E.AUTONOMOUS["neutral"] in s and E.AUTONOMOUS["invite"] not in s for s in seen)
+    assert all(E.AUTONOMOUS["invite"] in s and E.AUTONOMOUS["neutral"] not in s for s in seen)
     assert "Python" not in E.AUTONOMOUS["neutral"] and "code" not in E.AUTONOMOUS["neutral"]
 
 

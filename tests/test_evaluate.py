@@ -87,8 +87,9 @@ def test_autonomous_prompt_wording_changes_only_the_autonomous_mode(tok):
     """--autonomous-prompt picks the autonomous instruction; the forced modes keep theirs."""
     p = E.load_problems("builtin:test", 1)[0]
     for mode in E.MODES:
-        invite = tok.decode(E.prompt_for(tok, p, mode)[0])
+        invite = tok.decode(E.prompt_for(tok, p, mode, autonomous="invite")[0])
         neutral = tok.decode(E.prompt_for(tok, p, mode, autonomous="neutral")[0])
         assert (invite != neutral) == (mode == "autonomous")
+        assert tok.decode(E.prompt_for(tok, p, mode)[0]) == neutral           # the default
     assert E.AUTONOMOUS["neutral"] in tok.decode(E.prompt_for(tok, p, "autonomous", autonomous="neutral")[0])
-    assert E.AUTONOMOUS["invite"] in tok.decode(E.prompt_for(tok, p, "autonomous")[0])
+    assert E.AUTONOMOUS["invite"] in tok.decode(E.prompt_for(tok, p, "autonomous", autonomous="invite")[0])
