@@ -262,7 +262,8 @@ def plan_step(step, batch_size, ctx, args):
     micro, P, R = [], 0, 0              # the current micro-batch pads to P + R (sequence_logprobs)
     for it in sorted(step, key=lambda it: len(it["prompt_ids"]) + len(it["response_ids"])):
         p, r = len(it["prompt_ids"]), len(it["response_ids"])
-        if micro and len(micro[-1]) < batch_size and (len(micro[-1]) + 1) * (max(P, p) + max(R, r)) <= args.micro_tokens:
+        padded = (len(micro[-1]) + 1) * (max(P, p) + max(R, r)) if micro else 0
+        if micro and len(micro[-1]) < batch_size and padded <= args.micro_tokens:
             micro[-1].append(it)
             P, R = max(P, p), max(R, r)
         else:

@@ -57,7 +57,7 @@ AUTONOMOUS = {"neutral": "Solve the problem, and put your final answer within \\
               "invite": "Solve the problem. You may use Python code in ```python blocks if it helps, "
                         "and put your final answer within \\boxed{}."}
 MODES = {
-    "autonomous": {"instruction": AUTONOMOUS["neutral"], "prefix": "", "code": True},
+    "autonomous": {"prefix": "", "code": True},             # its instruction: AUTONOMOUS[--autonomous-prompt]
     "cot": {"instruction": "Please reason step by step, and put your final answer within \\boxed{}.",
             "prefix": "By hand: ", "code": False},
     "code": {"instruction": "Please integrate natural language reasoning with programs to solve the problem above, "

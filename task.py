@@ -221,7 +221,7 @@ def main():
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--temperature", type=float, default=0.5)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--autonomous-prompt", default="neutral", choices=["neutral", "invite"],
+    ap.add_argument("--autonomous-prompt", default="neutral", choices=list(__import__("evaluate").AUTONOMOUS),
                     help="the instruction of the measured prompts (evaluate.AUTONOMOUS)")
     ap.add_argument("--from-explore", nargs="+", metavar="JSONL", help="tabulate E-step records instead of sampling")
     args = ap.parse_args()

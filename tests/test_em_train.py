@@ -455,7 +455,7 @@ def test_code_probability_is_the_deciding_tokens_softmax(tiny, tok):
     first = {c: tok(p, add_special_tokens=False).input_ids[:1] for c, p in (("cot", args.cot_prefix),
                                                                           ("code", args.code_prefix))}
     for p, got in zip(problems, pi):
-        prompt = E.chat(tok, p["question"], E.MODES["autonomous"]["instruction"], args.fewshot)
+        prompt = E.autonomous_chat(tok, p["question"], args.fewshot, args.autonomous_prompt)
         with torch.no_grad():
             lp = M.sequence_logprobs(tiny, [prompt, prompt], [first["cot"], first["code"]])
         assert got == pytest.approx(torch.softmax(torch.stack([lp[0][0], lp[1][0]]), 0)[1].item(), rel=1e-4)
