@@ -258,10 +258,9 @@ def plan_step(step, batch_size, ctx, args):
     Items are sorted by length, so that similar lengths pad together, and a micro-batch takes at
     most `batch_size` of them and at most `--micro-tokens` padded tokens (one item alone may
     exceed it): a 486-token response otherwise padded three short ones to its length, and that
-    micro-batch set the run's peak memory. Longest first: the later, smaller micro-batches then
-    fit in the memory the first one freed, where shortest first made each one ask for more."""
+    micro-batch set the run's peak memory."""
     micro, P, R = [], 0, 0              # the current micro-batch pads to P + R (sequence_logprobs)
-    for it in sorted(step, key=lambda it: len(it["prompt_ids"]) + len(it["response_ids"]), reverse=True):
+    for it in sorted(step, key=lambda it: len(it["prompt_ids"]) + len(it["response_ids"])):
         p, r = len(it["prompt_ids"]), len(it["response_ids"])
         padded = (len(micro[-1]) + 1) * (max(P, p) + max(R, r)) if micro else 0
         if micro and len(micro[-1]) < batch_size and padded <= args.micro_tokens:
@@ -383,18 +382,6 @@ def release_freed_memory():
 _trim = None
 
 
-def allocate_gradients(model):
-    """Zero gradients for every trainable parameter, made before the M-step's first forward and
-    zeroed in place between its optimiser steps. Made by the first backward of each step instead
-    (zero_grad's default frees them), they landed in the heap between that micro-batch's
-    activations, and the holes those left behind stayed resident: replaying three default
-    M-steps (with longest-first micro-batches), peak memory 3.32-3.81 GB this way against
-    3.60-3.88 GB. The M-step frees them at its end, for sampling. FSDP2 makes its own."""
-    for p in model.parameters():
-        if p.requires_grad and p.grad is None:
-            p.grad = torch.zeros_like(p)
-
-
 def padding_loss(model):
     """Under --fsdp, a rank with fewer micro-batches than another still runs the same forwards
     and backwards (each is a collective): a one-token pass with weight 0."""
@@ -434,15 +421,13 @@ def m_step(model, tok, opt, items, records, args, rng):
         ctx["pi_old"] = dict(zip(qs, choice_probability(model, [ctx["record_of"][q]["prompt_ids"] for q in qs],
                                                         ctx["prefixes"]) if qs else []))
         ctx["trust_dropped"] = ctx["trust_seen"] = 0
-    if not args.fsdp:
-        allocate_gradients(model)
     n_steps = D.all_max(len(steps))
     bar = tqdm(total=sum(map(len, steps)), desc="M-step", unit="rollout", disable=not D.is_main())
     for s in range(n_steps):
         step = steps[s] if s < len(steps) else []
         micro, decide = plan_step(step, args.batch_size, ctx, args)
         ctx["terms"] = {"loss_ratio": 0.0, "loss_decision": 0.0, "loss_kl": 0.0, "loss_sft": 0.0}
-        opt.zero_grad(set_to_none=args.fsdp)   # in place: the gradients keep their memory
+        opt.zero_grad(set_to_none=True)
         accumulate(model, micro, decide, ctx, args, stats, bar)
         if step:
             for k, v in ctx["terms"].items():

@@ -543,9 +543,9 @@ def test_autonomous_prompt_reaches_every_rollout_and_evaluation(tmp_path, tok, m
 
 
 def test_micro_batches_pad_similar_lengths_within_a_token_budget():
-    """plan_step sorts a step's items by length, longest first, and closes a micro-batch at
-    --batch-size items or --micro-tokens padded tokens; an item longer than the budget goes
-    alone. Every item is in exactly one micro-batch."""
+    """plan_step sorts a step's items by length and closes a micro-batch at --batch-size items
+    or --micro-tokens padded tokens; an item longer than the budget goes alone. Every item is
+    in exactly one micro-batch."""
     rng = __import__("random").Random(0)
     step = [{"query_id": f"q{i % 5}", "prompt_ids": [1] * rng.randint(150, 230),
              "response_ids": [2] * rng.choice([20, 40, 60, 300, 490]), "mask": [1]} for i in range(16)]
@@ -557,6 +557,6 @@ def test_micro_batches_pad_similar_lengths_within_a_token_budget():
         padded = len(mb) * (max(len(it["prompt_ids"]) for it in mb) + max(len(it["response_ids"]) for it in mb))
         assert len(mb) <= 4 and (padded <= 1536 or len(mb) == 1), [len(it["response_ids"]) for it in mb]
     lengths = [len(it["prompt_ids"]) + len(it["response_ids"]) for mb in micro for it in mb]
-    assert lengths == sorted(lengths, reverse=True)
-    assert len(micro[0]) == 1 and len(micro[0][0]["response_ids"]) == 2000
+    assert lengths == sorted(lengths)
+    assert len(micro[-1]) == 1 and len(micro[-1][0]["response_ids"]) == 2000
     assert max(map(len, micro)) == 4            # short items still fill a micro-batch
