@@ -62,6 +62,33 @@ def test_same_seed_same_rollouts_whatever_the_executor_timing(tiny, tok):
     assert_same(narrow, fast)
 
 
+def test_lockstep_makes_the_forwards_independent_of_the_executor_timing(tiny, tok, monkeypatch):
+    """The rows that share each forward decide the float rounding of every log-prob (see
+    assert_same). With lockstep (the default) they are the same whether the sandbox answers at
+    once or late, so the log-probs match bit for bit; without it a late answer changes them."""
+    lm = code_writer(tiny, tok, strength=13.0)
+    prompts, prefixes = code_prompts(tok, 6)
+    kw = dict(max_new_tokens=40, temperature=1.0, seed=7, max_code_calls=3)
+    parts = []
+    for name in ("prefill", "decode"):
+        real = getattr(M._Sampler, name)
+        monkeypatch.setattr(M._Sampler, name, lambda self, part, _real=real, _name=name:
+                            parts.append((_name, tuple(r.index for r in part))) or _real(self, part))
+
+    def run(executor, lockstep):
+        parts.clear()
+        outs = M.sample(lm, tok, prompts, prefixes, executor=executor, lockstep=lockstep, **kw)
+        return list(parts), outs
+
+    fast, fast_outs = run(Scripted("5", "6", "7"), True)
+    slow, slow_outs = run(Jittery("5", "6", "7", slow=0.3, seed=1), True)
+    assert sum(len(o.code_calls) for o in fast_outs) >= 4, "the test needs rows that pause on code"
+    assert slow == fast
+    assert [o.logprobs for o in slow_outs] == [o.logprobs for o in fast_outs]
+    free, _ = run(Jittery("5", "6", "7", slow=0.3, seed=1), False)
+    assert free != fast                       # a 0.3 s answer lets the other rows step without it
+
+
 def test_continuous_batching_keeps_prompt_order_and_results(tiny, tok):
     prompts = [M.chat_prompt(tok, q * (1 + i % 3)) for i, q in enumerate(QUESTIONS * 3)]
     eos = tok.convert_tokens_to_ids("<|im_end|>")
