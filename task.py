@@ -210,6 +210,7 @@ def print_table(table):
 
 
 def main():
+    import evaluate as E          # here, not at the top: evaluate imports this module
     ap = argparse.ArgumentParser(description="The built-in task: list problems, or measure q_hat per kind.")
     ap.add_argument("--data", default="builtin:train")
     ap.add_argument("--show", type=int, default=12, help="print this many problems")
@@ -221,7 +222,7 @@ def main():
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--temperature", type=float, default=0.5)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--autonomous-prompt", default="neutral", choices=list(__import__("evaluate").AUTONOMOUS),
+    ap.add_argument("--autonomous-prompt", default="neutral", choices=list(E.AUTONOMOUS),
                     help="the instruction of the measured prompts (evaluate.AUTONOMOUS)")
     ap.add_argument("--from-explore", nargs="+", metavar="JSONL", help="tabulate E-step records instead of sampling")
     args = ap.parse_args()
@@ -233,8 +234,11 @@ def main():
             print(f"{p['subject']:<16} {p['question']}  ->  {p['answer']}")
         return
     import json
+
+    import torch
+
     import model as M
-    model, tok = M.load_model(args.model, args.dtype, "cuda" if __import__("torch").cuda.is_available() else "cpu")
+    model, tok = M.load_model(args.model, args.dtype, "cuda" if torch.cuda.is_available() else "cpu")
     table = measure(model, tok, args.per_kind, args.k, args.k, args.max_new_tokens, args.temperature, args.seed,
                     groups, autonomous=args.autonomous_prompt)
     print_table(table)
