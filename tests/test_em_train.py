@@ -445,6 +445,43 @@ def test_release_freed_memory_returns_heap_holes_to_the_os():
     del pins
 
 
+def test_m_step_trims_between_layers_in_forward_and_backward_and_leaves_no_hook(tiny, tok, monkeypatch):
+    """--trim-every N: release_freed_memory at every N-th decoder layer, after its forward and
+    when the backward reaches it, with or without activation checkpointing; the weights come out
+    bit for bit as without it, and no hook outlives the M-step (the sampler must not trim)."""
+    import copy
+    import random
+    records = step_records(tiny, tok, [[1.0, 0.0, 1.0], [0.0, 1.0, 1.0]])
+    items = T.training_data("em", records, "whiten", 99, random.Random(0))
+    calls = []
+    monkeypatch.setattr(T, "release_freed_memory", lambda: calls.append(1))
+    weights = {}
+    for ckpt in (False, True):
+        base, extra = None, {}
+        for every in (0, 1, 2):
+            model = copy.deepcopy(tiny)             # two decoder layers
+            if ckpt:
+                model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            forwards = []
+            model.model.layers[-1].register_forward_hook(lambda *_: forwards.append(torch.is_grad_enabled()))
+            args = args_for(batch_size=1, grad_accum=2, lr=1e-3, trim_every=every)
+            calls.clear()
+            T.m_step(model, tok, torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0), items,
+                     records, args, random.Random(1))
+            base = len(calls) if base is None else base                  # trims between micro-batches
+            extra[every] = len(calls) - base
+            assert all(forwards) and len(forwards) >= 4      # every forward of the M-step has a backward
+            weights[ckpt, every] = [p.detach().clone() for p in model.parameters()]
+            calls.clear()
+            with torch.no_grad():
+                model(torch.tensor([[1, 2, 3]]))
+            assert calls == [], "a trimming hook outlived the M-step"
+        assert extra[2] == 2 * (len(forwards) - 1), ckpt     # (the last is the no_grad check)    # the second layer: after its forward, and in backward
+        assert extra[1] == 2 * extra[2], ckpt         # both layers
+    for key, w in weights.items():
+        assert all(torch.equal(a, b) for a, b in zip(w, weights[False, 0])), key
+
+
 def test_code_probability_is_the_deciding_tokens_softmax(tiny, tok):
     """pi(code|x) logged at evaluation: the next-token probabilities of the two prefixes'
     first tokens ("```" and "By"), normalised over the two."""
