@@ -219,10 +219,6 @@ def main():
         ap.error(f"--device: unknown device '{args.device}'")
     if device.type == "cuda" and not torch.cuda.is_available():
         ap.error(f"--device {args.device}: CUDA is not available on this machine")
-    for flag in ("--batches", "--new-tokens", "--code-prompts", "--reps"):
-        value = getattr(args, flag[2:].replace("-", "_"))
-        if min(value if isinstance(value, list) else [value]) < 1:
-            raise SystemExit(f"error: {flag} must be >= 1 (got {value})")
     print(f"machine: {os.cpu_count()} cores, torch {torch.__version__}, threads {torch.get_num_threads()}, "
           f"cuda {torch.cuda.is_available()}")
     if {"all", "sandbox"} & set(args.what):
