@@ -149,12 +149,19 @@ def kl_term(logp, old, sampled):
 def decision_logprobs(model, prompts, prefixes, temperature=1.0, form="opening"):
     """log pi_theta(c|x) for every prompt and decision, as a [queries, decisions] tensor.
 
-    form="opening" (default): the decision is made at the first token where the decisions'
-    prefixes differ (position d: "By" against "```" for the defaults). log pi(c|x) is that
-    token's log-probability normalised over the decisions, plus the log-probability of the
-    rest of c's prefix given it. The decision term below is then a cross-entropy between
-    s_star and the choice at d, plus "open decision c this way", weighted by s_star(c), which
-    only ever pushes up. form="normalized": the whole prefix's probability normalised over c;
+    form="absolute" (default): the decision is made at the first token where the decisions'
+    prefixes differ (position d: "By" against "```" for the defaults). pi(code|x) is the
+    model's probability of the code prefix's token there (opening a code block), times that of
+    the rest of the code prefix; pi(cot|x) = 1 - p(that token): any other opening is words.
+    form="opening": both decisions' tokens at d, normalised over the two, plus the log-prob of
+    the rest of c's prefix. It ignores every other opening, and the model has many: after EM
+    with it, the greedy model opened 58-78 of 128 code-worthy test problems with "To" (neither
+    decision) and wrote no code, while the two-way pi(code|x) read 0.6-0.8 (em-s2 and a rerun
+    of em-s1, README), because pushing "```" up against "By" leaves "To" free to take the mass.
+    The absolute form pushes the code token up or down against everything else, so it moves
+    what the model actually opens with, and the words side names no wording. Either way the
+    term is a cross-entropy between s_star and pi(.|x) at d, plus "open decision c this way"
+    weighted by s_star(c), which only ever pushes up. form="normalized": the whole prefix's probability normalised over c;
     a push towards CoT then also lowers p(`print(` | "```python"), i.e. it teaches the model
     to write worse code when it does code (measured: after one iteration the greedy model
     opened code blocks with `def` and never printed). form="raw": the summed log-probability
@@ -174,6 +181,10 @@ def decision_logprobs(model, prompts, prefixes, temperature=1.0, form="opening")
         raise ValueError("decision prefixes must differ at a token both have (one is a prefix of the other)")
     choice = torch.stack([torch.stack([lp[d] for lp in row]) for row in rows])
     rest = torch.stack([torch.stack([lp[d + 1:].sum() for lp in row]) for row in rows])
+    if form == "absolute":                  # code: its opening token; words: every other token
+        code = choice[:, cs.index("code")]
+        words = torch.log((-torch.expm1(code)).clamp(min=1e-12))     # log(1 - p), stable near p = 1
+        return torch.stack([code + rest[:, j] if c == "code" else words for j, c in enumerate(cs)], dim=1)
     return torch.log_softmax(choice, dim=1) + rest
 
 
@@ -334,17 +345,19 @@ def decision_prefixes(tok, args):
                                                                      ("code", args.code_prefix))}
 
 
-def choice_probability(model, prompts, prefixes, chunk=8):
-    """pi(code|x) at the token where the decisions' prefixes part, for each prompt (no gradient),
-    `chunk` prompts per forward: one forward over an evaluation's 32 few-shot prompts (64
-    sequences) took 1.1 GB more than the rest of the loop's peak."""
+def choice_probability(model, prompts, prefixes, chunk=8, form="absolute"):
+    """pi(code|x) at the token where the decisions' prefixes part, for each prompt (no gradient):
+    the code token's own probability (form "absolute"), else normalised over the two decisions'
+    tokens. `chunk` prompts per forward: one forward over an evaluation's 32 few-shot prompts
+    (64 sequences) took 1.1 GB more than the rest of the loop's peak."""
     d = len(os.path.commonprefix(list(prefixes.values())))
     cut = {c: ids[:d + 1] for c, ids in prefixes.items()}
     code = list(prefixes).index("code")
+    form = "absolute" if form == "absolute" else "opening"
     out = []
     with torch.no_grad():
         for s in range(0, len(prompts), chunk):
-            out += decision_logprobs(model, prompts[s:s + chunk], cut)[:, code].exp().tolist()
+            out += decision_logprobs(model, prompts[s:s + chunk], cut, form=form)[:, code].exp().tolist()
     return out
 
 
@@ -355,7 +368,8 @@ def within_trust(model, decide, ctx, args):
     the whole M-step, and without a bound pi(code) moved by up to 0.3-0.4 from one iteration
     to the next at the defaults (README, Results). It bounds the gradient, not AdamW's momentum,
     so a dropped query can still drift on. Costs one extra forward over the step's decision prompts."""
-    now = choice_probability(model, [ctx["record_of"][q]["prompt_ids"] for q in decide], ctx["prefixes"])
+    now = choice_probability(model, [ctx["record_of"][q]["prompt_ids"] for q in decide], ctx["prefixes"],
+                             form=args.decision_form)
     keep = []
     for q, p in zip(decide, now):
         old = ctx["pi_old"][q]
@@ -438,7 +452,7 @@ def m_step(model, tok, opt, items, records, args, rng):
     if args.algo == "em" and args.decision_trust:     # pi(code|x) where the M-step starts
         qs = [q for q, r in ctx["record_of"].items() if args.decision_queries == "all" or informative(r, args.ties)]
         ctx["pi_old"] = dict(zip(qs, choice_probability(model, [ctx["record_of"][q]["prompt_ids"] for q in qs],
-                                                        ctx["prefixes"]) if qs else []))
+                                                        ctx["prefixes"], form=args.decision_form) if qs else []))
         ctx["trust_dropped"] = ctx["trust_seen"] = 0
     n_steps = D.all_max(len(steps))
     hooks = trimming(model, args.trim_every)
@@ -622,7 +636,7 @@ def code_probability(model, tok, problems, args):
     crosses 1/2; this shows whether the model tells kinds apart underneath."""
     prompts = [E.autonomous_chat(tok, p["question"], args.fewshot, args.autonomous_prompt) for p in problems]
     with autocast(model, args):
-        pi = choice_probability(model, prompts, decision_prefixes(tok, args))
+        pi = choice_probability(model, prompts, decision_prefixes(tok, args), form=args.decision_form)
     release_freed_memory()
     return pi
 
@@ -652,8 +666,9 @@ def parse_args(argv=None):
     ap.add_argument("--decision-trust", type=float, default=0.0,
                     help="drop a query's decision term once pi(code|x) has moved this far towards s_star "
                          "within the M-step (0: off; e.g. 0.1)")
-    ap.add_argument("--decision-form", default="opening", choices=["opening", "normalized", "raw"],
-                    help="log pi(c|x): the deciding token normalised over the decisions plus the rest of the "
+    ap.add_argument("--decision-form", default="opening", choices=["absolute", "opening", "normalized", "raw"],
+                    help="log pi(c|x): the code token's own probability where the prefixes part against every "
+                         "other token (absolute), the two deciding tokens normalised plus the rest of the "
                          "prefix (opening), the whole prefix normalised, or the raw prefix log-prob")
     ap.add_argument("--decision-queries", default="informative", choices=["informative", "all"],
                     help="train pi(c|x) only on queries whose decisions scored differently, or on all (literal)")

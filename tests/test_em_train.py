@@ -234,6 +234,34 @@ def test_normalised_decision_term_is_cross_entropy(tiny, tok):
     assert g.abs().max() < 1e-5
 
 
+def test_absolute_form_is_the_code_tokens_own_probability_against_every_other_token(tiny, tok):
+    """pi(code|x) = p(the code prefix's deciding token) from the full softmax, times the rest of
+    the code prefix; pi(cot|x) = 1 - p(that token), whatever the other openings are. At
+    s_star = pi over the deciding tokens alone the term is stationary (a binary cross-entropy),
+    which the two-way "opening" form is not there: it ignores the mass of every third token."""
+    prompt = M.chat_prompt(tok, "What is 2+2?")
+    prefixes = {"cot": tok("By hand: ", add_special_tokens=False).input_ids,
+                "code": tok("```python\n", add_special_tokens=False).input_ids}
+    with torch.no_grad():
+        full = torch.log_softmax(tiny(input_ids=torch.tensor([prompt])).logits[0, -1].float(), -1)
+        p = full[prefixes["code"][0]].exp()
+        rest = M.sequence_logprobs(tiny, [prompt], [prefixes["code"]])[0][1:].sum()
+        lp = T.decision_logprobs(tiny, [prompt], prefixes, form="absolute")[0]
+        d = T.decision_term(tiny, [prompt], prefixes, [{"cot": 0.25, "code": 0.75}], form="absolute")
+    assert p < 0.5 and lp[1].item() == pytest.approx((torch.log(p) + rest).item(), rel=1e-4)
+    assert lp[0].item() == pytest.approx(torch.log1p(-p).item(), abs=1e-6)
+    assert d.item() == pytest.approx(-(0.25 * lp[0] + 0.75 * lp[1]).item(), rel=1e-5)
+    assert T.choice_probability(tiny, [prompt], prefixes, form="absolute")[0] == pytest.approx(p.item(), rel=1e-4)
+
+    cut = {c: ids[:1] for c, ids in prefixes.items()}
+    pi = T.choice_probability(tiny, [prompt], cut, form="absolute")[0]
+    for form in ("absolute", "opening"):
+        term = T.decision_term(tiny, [prompt], cut, [{"cot": 1 - pi, "code": pi}], form=form)
+        g = grads(tiny, term)
+        assert (g.abs().max() < 1e-5) == (form == "absolute"), form
+        tiny.zero_grad(set_to_none=True)
+
+
 def test_opening_form_never_pushes_a_decisions_continuation_down(tiny, tok, monkeypatch):
     """The default form: a cross-entropy at the token where the prefixes part, plus each
     prefix's continuation weighted by s_star. A target of pure CoT must leave the code
@@ -482,11 +510,12 @@ def test_m_step_trims_between_layers_in_forward_and_backward_and_leaves_no_hook(
         assert all(torch.equal(a, b) for a, b in zip(w, weights[False, 0])), key
 
 
-def test_code_probability_is_the_deciding_tokens_softmax(tiny, tok):
-    """pi(code|x) logged at evaluation: the next-token probabilities of the two prefixes'
-    first tokens ("```" and "By"), normalised over the two."""
+@pytest.mark.parametrize("form", ["absolute", "opening"])
+def test_code_probability_is_the_deciding_tokens_softmax(tiny, tok, form):
+    """pi(code|x) logged at evaluation: the next-token probability of the code prefix's first
+    token ("```"), on its own (absolute) or normalised over it and the CoT prefix's ("By")."""
     import evaluate as E
-    args = args_for(dtype="fp32")
+    args = args_for(dtype="fp32", decision_form=form)
     problems = E.load_problems("builtin:test", 3)
     pi = T.code_probability(tiny, tok, problems, args)
     first = {c: tok(p, add_special_tokens=False).input_ids[:1] for c, p in (("cot", args.cot_prefix),
@@ -495,7 +524,8 @@ def test_code_probability_is_the_deciding_tokens_softmax(tiny, tok):
         prompt = E.autonomous_chat(tok, p["question"], args.fewshot, args.autonomous_prompt)
         with torch.no_grad():
             lp = M.sequence_logprobs(tiny, [prompt, prompt], [first["cot"], first["code"]])
-        assert got == pytest.approx(torch.softmax(torch.stack([lp[0][0], lp[1][0]]), 0)[1].item(), rel=1e-4)
+        want = lp[1][0].exp() if form == "absolute" else torch.softmax(torch.stack([lp[0][0], lp[1][0]]), 0)[1]
+        assert got == pytest.approx(want.item(), rel=1e-4)
         assert 0 < got < 1
 
 
@@ -511,7 +541,7 @@ def test_decision_trust_drops_a_query_once_its_pi_has_moved_far_enough(tiny, tok
                         "code": tok("```python\nprint(", add_special_tokens=False).input_ids},
            "record_of": {r["query_id"]: r for r in records}, "trust_dropped": 0, "trust_seen": 0}
     now = T.choice_probability(tiny, [ctx["record_of"][q]["prompt_ids"] for q in ("q0", "q1", "q2")],
-                               ctx["prefixes"])
+                               ctx["prefixes"], form=args.decision_form)
     ctx["pi_old"] = {"q0": now[0] - 0.2, "q1": now[1], "q2": now[2] + 0.2}
     assert T.within_trust(tiny, ["q0", "q1", "q2"], ctx, args) == ["q1", "q2"]
     assert (ctx["trust_dropped"], ctx["trust_seen"]) == (1, 3)
