@@ -164,7 +164,8 @@ def decision_logprobs(model, prompts, prefixes, temperature=1.0, form="absolute"
     what the model actually opens with (four seeds with it: 0.68-0.80 on 256 held-out problems,
     against 0.36-0.69 for seven runs with "opening"; README, Results). Its words side names no
     wording, so it does not teach the CoT prefix's opening: the model's own words are not the
-    forced "By hand: ..." ones the E-step scored. Either way the term is a cross-entropy
+    forced "By hand: ..." ones the E-step scored (continued to 12 iterations, one seed's words
+    drifted to short wrong guesses on single-digit sums). Either way the term is a cross-entropy
     between s_star and pi(.|x) at d, plus "open decision c this way" weighted by s_star(c),
     which only ever pushes up. form="normalized": the whole prefix's probability normalised
     over c; a push towards CoT then also lowers p(`print(` | "```python"), i.e. it teaches the model
