@@ -359,7 +359,8 @@ def choice_probability(model, prompts, prefixes, chunk=8, form="absolute"):
     d = len(os.path.commonprefix(list(prefixes.values())))
     cut = {c: ids[:d + 1] for c, ids in prefixes.items()}
     code = list(prefixes).index("code")
-    form = "absolute" if form == "absolute" else "opening"   # "normalized" equals "opening" on the cut prefixes; "raw" is logged as "opening" too
+    # on the cut prefixes "normalized" equals "opening"; "raw" is logged as "opening" too
+    form = "absolute" if form == "absolute" else "opening"
     out = []
     with torch.no_grad():
         for s in range(0, len(prompts), chunk):
