@@ -507,6 +507,10 @@ class _Row:
         self.future = None          # pending execution: the row is paused
         self.done = False
 
+    def cached(self):
+        """The tokens in this row's cache columns 0..length-1."""
+        return (self.out.prompt_ids + self.out.response_ids)[:self.length]
+
 
 def _watch_ids(tok, chars):
     """Token ids whose text contains any of `chars`: only these can close a code block or
@@ -583,19 +587,38 @@ class _Sampler:
         """Feed the rows in `part` that have several tokens to feed (a prompt, an output
         block) and draw each one's next token."""
         fresh = [r for r in part if r.length == 0]
-        self.share(fresh)                                   # e.g. a few-shot demonstration
-        same = {}
-        for r in fresh:
-            same.setdefault(tuple(r.feed), []).append(r)
-        for rows in same.values():                          # e.g. k rollouts of one prompt
-            self.share(rows)
+        self.reuse(fresh)                                   # e.g. another rollout of a query being decoded
+        for key in (lambda r: tuple(r.cached()),                    # e.g. a few-shot demonstration
+                    lambda r: (tuple(r.cached()), tuple(r.feed))):  # e.g. k rollouts of one prompt
+            groups = {}
+            for r in fresh:
+                groups.setdefault(key(r), []).append(r)
+            for rows in groups.values():
+                self.share(rows)
         logits = self.forward(part)
         keys = torch.tensor([r.key for r in part], device=self.device)
         token, logp = self.draw(logits, keys, torch.tensor([r.n_new for r in part], device=self.device))
         return token.tolist(), logp.tolist()
 
+    def reuse(self, fresh):
+        """Fresh rows whose feed opens with tokens another row already holds in the cache: copy
+        the longest such run of columns instead of computing it again. A prompt admitted while
+        other rollouts of its query are still decoding then costs one token, as it would have
+        had it been admitted beside them (continuous batching lost to fixed chunks without
+        this: bench.py, README)."""
+        held = [(q, q.cached()) for q in self.rows if q.length > 0]
+        for r in fresh:
+            best, n = None, 0
+            for q, cached in held:
+                m = len(os.path.commonprefix([r.feed[:len(r.feed) - 1], cached]))
+                if m > n:
+                    best, n = q, m
+            if best is not None:
+                self.cache.move(self.rows.index(best), self.rows.index(r), n)
+                r.feed, r.length = r.feed[n:], n
+
     def share(self, rows):
-        """Rows at the same length whose feeds open with the same tokens: run those tokens once,
+        """Rows with the same tokens in the cache whose feeds open alike: run those tokens once,
         in the first row's slot, and copy its keys and values to the others."""
         if len(rows) < 2:
             return

@@ -129,6 +129,33 @@ def test_freed_slots_are_refilled_together(tiny, tok, monkeypatch):
     assert_same(outs, M.sample(lm, tok, prompts, **kw))
 
 
+def test_an_admitted_prompt_reuses_what_a_decoding_row_holds(tiny, tok, monkeypatch):
+    """Prompt B admitted again while the first B is still decoding (the short prompt A beside
+    it ended first): it copies B's columns from the cache and runs only its last token, and
+    every rollout is what the unbatched run samples."""
+    eos = tok.convert_tokens_to_ids("<|im_end|>")
+    lm, kw = EosAtMultipleOf5(tiny, eos), dict(max_new_tokens=12, temperature=1.0, seed=2, code=False)
+    chats = [M.chat_prompt(tok, q) for q in QUESTIONS]
+    end = lambda p: next(k for k in range(1, 6) if (len(p) - 2 + k) % 5 == 0)   # steps until EOS
+    a, b = next((a, b) for a in chats for b in chats if end(a) < end(b))
+    fed = {}
+    forward = M._Sampler.forward
+
+    def counted(self, part):
+        for r in part:
+            fed[r.index] = fed.get(r.index, 0) + len(r.feed)
+        return forward(self, part)
+    monkeypatch.setattr(M._Sampler, "forward", counted)
+    outs = M.sample(lm, tok, [a, b, b], batch_size=2, **kw)
+    assert fed[2] == 1
+    monkeypatch.setattr(M._Sampler, "reuse", lambda self, fresh: None)     # the same without reuse
+    fed.clear()
+    assert_same(M.sample(lm, tok, [a, b, b], batch_size=2, **kw), outs)
+    assert fed[2] == len(b)
+    monkeypatch.setattr(M._Sampler, "forward", forward)
+    assert_same(outs, M.sample(lm, tok, [a, b, b], **kw))
+
+
 class EosAtMultipleOf5(torch.nn.Module):
     """Forces <|im_end|> as the next token wherever the current position is a multiple of 5."""
 
