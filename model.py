@@ -579,8 +579,11 @@ class _Sampler:
         del rows[n:]
 
     def fit(self, need):
+        """Grow the cache to hold `need` tokens per row: by a quarter at least (few copies),
+        not doubled, since every slot grows with the longest row. A printed 400-digit number is
+        400 tokens, past the initial estimate of 2 characters a token (README, Time and memory)."""
         if need > self.cache.capacity:
-            self.cache.grow(max(need, 2 * self.cache.capacity))
+            self.cache.grow(max(need, self.cache.capacity * 5 // 4))
 
     # -- forwards ------------------------------------------------------------------------
     def prefill(self, part):

@@ -182,16 +182,22 @@ def test_progress_reports_every_sampled_token_and_finished_row(tiny, tok):
     assert all(1 <= n <= 2 for n, _ in calls)          # never more tokens than rows in the batch
 
 
-def test_cache_grows_for_long_outputs(tiny, tok):
-    """An output far longer than the cache's initial estimate: the cache reallocates and the
+def test_cache_grows_for_long_outputs(tiny, tok, monkeypatch):
+    """An output far longer than the cache's initial estimate: the cache reallocates, to what
+    the longest row needs or by a quarter (not doubled: every slot grows with it), and the
     behaviour log-probs still equal teacher-forced ones."""
+    grows = []
+    grow = M.SlotCache.grow
+    monkeypatch.setattr(M.SlotCache, "grow", lambda self, c: grows.append((self.capacity, c)) or grow(self, c))
     lm = code_writer(tiny, tok)
     prompts, prefixes = code_prompts(tok, 2)
     long_output = " ".join(str(i) for i in range(300))
     outs = M.sample(lm, tok, prompts, prefixes, max_new_tokens=20, temperature=1.0, seed=0, max_code_calls=1,
                     max_output_chars=0, executor=Scripted(long_output))
     estimate = max(map(len, prompts)) + len(prefixes[0]) + 20 + 1 * 48
+    longest = max(len(p) + len(o.response_ids) for p, o in zip(prompts, outs))
     assert long_output in outs[0].text and len(prompts[0]) + len(outs[0].response_ids) > estimate
+    assert grows and all(new <= max(longest, old * 5 // 4) for old, new in grows), grows
     tf = M.sequence_logprobs(lm, prompts, [o.response_ids for o in outs])
     for o, lp in zip(outs, tf):
         s = torch.tensor(o.sampled)
