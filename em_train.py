@@ -13,13 +13,13 @@ Each iteration (paper section 2, "M-step" and "loop"):
      forced prefix and execution output are masked out); A = the rewards of one query's
      rollouts whitened by their mean and std (all-equal rewards give A = 0). This is a bare
      clip of the ratio times A, as transcribed from the paper, not PPO's min.
-     log pi_theta(c|x), the decision-alignment term: at the token where the two forcing
-     prefixes part ("By" or "```"), pi(code|x) is the model's probability of opening a code
-     block there ("```", times that of the rest of the code prefix) and pi(cot|x) is one minus
-     it: every other opening is words. The term is a binary cross-entropy between s_star and
-     what the model will actually open with, and never pushes the code prefix's continuation
-     down (`--decision-form`, see decision_logprobs; the two-way form we had before left
-     other openings such as "To" free to take the mass).
+     log pi_theta(c|x), the decision-alignment term: the log-probability of decision c's
+     forcing prefix ("By hand: " or "```python\nprint("), unnormalised (`--decision-form raw`).
+     At the token where the prefixes part its optimum is p("```") = s_star(code), p("By") =
+     s_star(cot) and nothing left for other openings, so it teaches when to open a code block
+     and how the words the E-step scored begin (see decision_logprobs for the other forms and
+     what each did: the two-way form left "To" free to take the mass; the code-token-only
+     form let one seed's own words drift to wrong guesses).
      Both terms are normalised per optimiser step, whatever its split into micro-batches:
      the ratio term by the step's sampled tokens, the decision term by the step's queries,
      each query counted once (`plan_step`; a test checks the gradient is split-invariant).
@@ -148,43 +148,40 @@ def kl_term(logp, old, sampled):
     return total, n
 
 
-def decision_logprobs(model, prompts, prefixes, temperature=1.0, form="absolute"):
+def decision_logprobs(model, prompts, prefixes, temperature=1.0, form="raw"):
     """log pi_theta(c|x) for every prompt and decision, as a [queries, decisions] tensor.
 
-    form="absolute" (default): the decision is made at the first token where the decisions'
-    prefixes differ (position d: "By" against "```" for the defaults). pi(code|x) is the
-    model's probability of the code prefix's token there (opening a code block), times that of
-    the rest of the code prefix; pi(cot|x) = 1 - p(that token): any other opening is words.
+    form="raw" (default): the summed log-probability of decision c's whole prefix. Weighted by
+    s_star and summed over c, the term is, at the token d where the prefixes part, the
+    cross-entropy between the model's next-token distribution and a target that puts s_star(c)
+    on each decision's token and nothing elsewhere, plus "continue c's prefix this way" weighted
+    by s_star(c). Its optimum is p(code token) = s_star(code) and p(CoT token) = s_star(cot):
+    it moves what the model opens with against every other token and names the opening of the
+    words the E-step scored. Four seeds with it: 0.73-0.82 on 256 held-out problems and the
+    code-rate target in all four; one continued to 12 iterations kept its words (README).
+    form="absolute": pi(code|x) = p(code token at d) times the rest of the code prefix,
+    pi(cot|x) = 1 - p(code token): any other opening counts as words. It names no opening for
+    words, and continued to 12 iterations one seed's own words drifted from the "By hand: ..."
+    ones the E-step scored to short wrong guesses (add_small 0.12 right; README).
     form="opening": both decisions' tokens at d, normalised over the two, plus the log-prob of
-    the rest of c's prefix. It ignores every other opening, and the model has many: after EM
-    with it, the greedy model opened 58-78 of 128 code-worthy test problems with "To" (neither
-    decision) and wrote no code, while the two-way pi(code|x) read 0.6-0.8 (em-s2 and a rerun
-    of em-s1, README), because pushing "```" up against "By" leaves "To" free to take the mass.
-    The absolute form pushes the code token up or down against everything else, so it moves
-    what the model actually opens with (four seeds with it: 0.68-0.80 on 256 held-out problems,
-    against 0.36-0.69 for seven runs with "opening"; README, Results). Its words side names no
-    wording, so it does not teach the CoT prefix's opening: the model's own words are not the
-    forced "By hand: ..." ones the E-step scored (continued to 12 iterations, one seed's words
-    drifted to short wrong guesses on single-digit sums). Either way the term is a cross-entropy
-    between s_star and pi(.|x) at d, plus "open decision c this way" weighted by s_star(c),
-    which only ever pushes up. form="normalized": the whole prefix's probability normalised
-    over c; a push towards CoT then also lowers p(`print(` | "```python"), i.e. it teaches the model
-    to write worse code when it does code (measured: after one iteration the greedy model
-    opened code blocks with `def` and never printed). form="raw": the summed log-probability
-    of each prefix, unnormalised, so the term also makes both openings more likely whatever
-    s_star says (prefix imitation)."""
+    the rest of c's prefix. It ignores every other opening: after EM with it the greedy model
+    opened 58-78 of 128 code-worthy test problems with "To" and wrote no code, while the
+    two-way pi(code|x) read 0.6-0.8, because pushing "```" up against "By" left "To" free.
+    form="normalized": the whole prefix's probability normalised over c; a push towards CoT
+    then also lowers p(`print(` | "```python"), i.e. it teaches worse code (measured: after one
+    iteration the greedy model opened code blocks with `def` and never printed)."""
     cs = list(prefixes)
     lps = M.sequence_logprobs(model, [p for p in prompts for _ in cs], [prefixes[c] for _ in prompts for c in cs],
                               temperature)
     rows = [lps[i * len(cs):(i + 1) * len(cs)] for i in range(len(prompts))]
+    d = len(os.path.commonprefix([prefixes[c] for c in cs]))
+    if any(d >= len(prefixes[c]) for c in cs):
+        raise ValueError("decision prefixes must differ at a token both have (one is a prefix of the other)")
     total = torch.stack([torch.stack([lp.sum() for lp in row]) for row in rows])
     if form == "raw":
         return total
     if form == "normalized":
         return torch.log_softmax(total, dim=1)
-    d = len(os.path.commonprefix([prefixes[c] for c in cs]))
-    if any(d >= len(prefixes[c]) for c in cs):
-        raise ValueError("decision prefixes must differ at a token both have (one is a prefix of the other)")
     choice = torch.stack([torch.stack([lp[d] for lp in row]) for row in rows])
     rest = torch.stack([torch.stack([lp[d + 1:].sum() for lp in row]) for row in rows])
     if form == "absolute":                  # code: its opening token; words: every other token
@@ -194,7 +191,7 @@ def decision_logprobs(model, prompts, prefixes, temperature=1.0, form="absolute"
     return torch.log_softmax(choice, dim=1) + rest
 
 
-def decision_term(model, prompts, prefixes, s_star, temperature=1.0, form="absolute"):
+def decision_term(model, prompts, prefixes, s_star, temperature=1.0, form="raw"):
     """-sum_c s_star(c|x) * log pi_theta(c|x), summed over the given queries."""
     logp = decision_logprobs(model, prompts, prefixes, temperature, form)
     weights = torch.tensor([[s[c] for c in prefixes] for s in s_star], dtype=logp.dtype, device=logp.device)
@@ -673,10 +670,10 @@ def parse_args(argv=None):
     ap.add_argument("--decision-trust", type=float, default=0.0,
                     help="drop a query's decision term once pi(code|x) has moved this far towards s_star "
                          "within the M-step (0: off; e.g. 0.1)")
-    ap.add_argument("--decision-form", default="absolute", choices=["absolute", "opening", "normalized", "raw"],
-                    help="log pi(c|x): the code token's own probability where the prefixes part against every "
-                         "other token (absolute), the two deciding tokens normalised plus the rest of the "
-                         "prefix (opening), the whole prefix normalised, or the raw prefix log-prob")
+    ap.add_argument("--decision-form", default="raw", choices=["raw", "absolute", "opening", "normalized"],
+                    help="log pi(c|x): the prefix's own log-prob (raw), the code token's probability against "
+                         "every other token (absolute), the two deciding tokens normalised plus the rest of the "
+                         "prefix (opening), or the whole prefix normalised over the decisions")
     ap.add_argument("--decision-queries", default="informative", choices=["informative", "all"],
                     help="train pi(c|x) only on queries whose decisions scored differently, or on all (literal)")
     ap.add_argument("--is-mode", default="surrogate", choices=["surrogate", "weighted_nll"])

@@ -265,8 +265,9 @@ def test_absolute_form_is_the_code_tokens_own_probability_against_every_other_to
 def test_opening_form_never_pushes_a_decisions_continuation_down(tiny, tok, monkeypatch):
     """The "opening" form: a cross-entropy at the token where the prefixes part, plus each
     prefix's continuation weighted by s_star. A target of pure CoT must leave the code
-    prefix's continuation (`print(` after "```python") alone, in this form and in the default
-    "absolute" one; the "normalized" form lowers it."""
+    prefix's continuation (`print(` after "```python") alone, in this form and in "raw" (the
+    default: each prefix's own log-prob, weighted by s_star) and "absolute"; the "normalized"
+    form lowers it."""
     prompt = M.chat_prompt(tok, "What is 2+2?")
     prefixes = {"cot": tok("By hand: ", add_special_tokens=False).input_ids,
                 "code": tok("```python\nprint(", add_special_tokens=False).input_ids}
@@ -276,9 +277,12 @@ def test_opening_form_never_pushes_a_decisions_continuation_down(tiny, tok, monk
     choice = torch.log_softmax(torch.stack([lp[0][0], lp[1][0]]), 0)
     expected = -(0.25 * (choice[0] + lp[0][1:].sum()) + 0.75 * (choice[1] + lp[1][1:].sum()))
     assert d.item() == pytest.approx(expected.item(), rel=1e-5)
+    with torch.no_grad():
+        d = T.decision_term(tiny, [prompt], prefixes, [{"cot": 0.25, "code": 0.75}])
+    assert d.item() == pytest.approx(-(0.25 * lp[0].sum() + 0.75 * lp[1].sum()).item(), rel=1e-5)
 
     real = M.sequence_logprobs
-    for form, moved in (("absolute", False), ("opening", False), ("normalized", True)):
+    for form, moved in (("raw", False), ("absolute", False), ("opening", False), ("normalized", True)):
         seen = []                      # the prefixes' log-prob tensors the term is built from
         monkeypatch.setattr(M, "sequence_logprobs", lambda *a, **k: seen.append(real(*a, **k)) or seen[-1])
         term = T.decision_term(tiny, [prompt], prefixes, [{"cot": 1.0, "code": 0.0}], form=form)
