@@ -45,6 +45,7 @@ Run:  python model.py --model tiny --question "What is 123*457?"
       python model.py --question "Compute 2**100 with python." --prefix "```python\\n"
 """
 import argparse
+import ctypes
 import importlib.metadata
 import os
 import re
@@ -371,6 +372,22 @@ def _draw(logits, keys, counts, greedy, temperature, top_k, top_p):
     return token, logp.gather(1, token[:, None]).squeeze(1)
 
 
+def release_freed_memory():
+    """Give the memory of freed tensors back to the OS (glibc's malloc_trim). Tensors of
+    different sizes leave holes in the heap that the next one cannot reuse, so without this
+    the resident size creeps up by gigabytes over an M-step (measured: 7.6 GB peak for one
+    default M-step, 4.2 GB with this and --grad-ckpt), and a growing KV cache keeps its old
+    buffers resident beside the new. Costs milliseconds; a no-op without glibc."""
+    global _trim
+    if _trim is None:
+        _trim = getattr(ctypes.CDLL(None), "malloc_trim", False) if sys.platform.startswith("linux") else False
+    if _trim:
+        _trim(0)
+
+
+_trim = None
+
+
 class SlotCache:
     """The KV cache, preallocated: layer l keeps k[l], v[l] of shape [slots, kv heads,
     capacity + 1, head dim]. A row's tokens sit at columns 0..length-1 in order, so a token's
@@ -409,6 +426,8 @@ class SlotCache:
                 new = old.new_zeros(*old.shape[:2], capacity + 1, old.shape[3])
                 new[:, :, :self.capacity] = old[:, :, :self.capacity]
                 buffers[i] = new
+                del old, new
+                release_freed_memory()       # the old layer's pages, before the next is allocated
         self.capacity = capacity
 
     def move(self, src, dst, length):

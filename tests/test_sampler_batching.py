@@ -210,7 +210,9 @@ def test_decode_buckets():
     assert M._buckets(32) == [1, 2, 4, 8, 16, 32]
 
 
-def test_slot_cache_move_and_grow():
+def test_slot_cache_move_and_grow(monkeypatch):
+    trims = []
+    monkeypatch.setattr(M, "release_freed_memory", lambda: trims.append(1))
     cache = M.SlotCache(slots=3, capacity=4)
     keys = torch.arange(3 * 2 * 4 * 1, dtype=torch.float32).reshape(3, 2, 4, 1)
     cache.plan(slice(0, 3), torch.arange(4).expand(3, 4), 4)
@@ -220,6 +222,7 @@ def test_slot_cache_move_and_grow():
     assert torch.equal(cache.k[0][0, :, :3], keys[2, :, :3]) and torch.equal(cache.k[0][0, :, 3], keys[0, :, 3])
     cache.grow(9)
     assert cache.k[0].shape == (3, 2, 10, 1) and torch.equal(cache.v[0][1, :, :4], -keys[1])
+    assert len(trims) == 2          # each old buffer (k and v of the one layer) handed back before the next
     # a sub-batch forward: slot 1 only, two tokens at columns 4 and 5, reading 6 columns
     cache.plan(torch.tensor([1]), torch.tensor([[4, 5]]), 6)
     k, v = cache.update(torch.ones(1, 2, 2, 1), torch.ones(1, 2, 2, 1), 0)
