@@ -1,7 +1,7 @@
 """bench.py -- speed of the sampler and the sandbox, measured side by side in one run.
 
   python bench.py sampler     # model.sample vs model.generate, batch 8 / 32 / 128, 128 new tokens
-  python bench.py code        # code-calling rollouts: model.sample vs generate + re-encode loop
+  python bench.py code        # code-calling rollouts, 8 and 32 of them: model.sample vs generate + re-encode loop
   python bench.py continuous  # 256 prompts of mixed lengths: continuous batching vs fixed chunks
   python bench.py sandbox     # sandbox latency p50 vs `python -c`, and a 64-cell batch
   python bench.py             # all four
@@ -202,7 +202,8 @@ def main():
     ap.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (both sides of every comparison run there)")
     ap.add_argument("--batches", type=int, nargs="+", default=[8, 32, 128])
     ap.add_argument("--new-tokens", type=int, default=128)
-    ap.add_argument("--code-prompts", type=int, default=8)
+    ap.add_argument("--code-prompts", type=int, nargs="+", default=[8, 32],
+                    help="rollouts of the code benchmark, one run per value (32: the E-step's --sample-batch)")
     ap.add_argument("--cb-prompts", type=int, default=256, help="prompts of the continuous-batching run")
     ap.add_argument("--cb-width", type=int, default=64, help="batch width of the continuous-batching run")
     ap.add_argument("--reps", type=int, default=50)
@@ -210,7 +211,7 @@ def main():
     args.what = args.what or ["all"]
     if set(args.what) - {"all", "sampler", "code", "continuous", "sandbox"}:
         raise SystemExit(f"error: unknown benchmark in {args.what}: choose from all, sampler, code, continuous, sandbox")
-    if min(args.batches + [args.new_tokens, args.code_prompts, args.cb_prompts, args.cb_width, args.reps]) < 1:
+    if min(args.batches + args.code_prompts + [args.new_tokens, args.cb_prompts, args.cb_width, args.reps]) < 1:
         raise SystemExit("error: --batches, --new-tokens, --code-prompts, --cb-prompts, --cb-width and --reps "
                          "must be at least 1")
     try:
@@ -231,7 +232,8 @@ def main():
         if {"all", "sampler"} & set(args.what):
             bench_sampler(model, tok, args.batches, args.new_tokens)
         if {"all", "code"} & set(args.what):
-            bench_code(model, tok, args.code_prompts, args.new_tokens)
+            for n in args.code_prompts:
+                bench_code(model, tok, n, args.new_tokens)
         if {"all", "continuous"} & set(args.what):
             bench_continuous(model, tok, args.cb_prompts, args.cb_width, args.new_tokens)
 

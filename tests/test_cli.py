@@ -192,9 +192,10 @@ def test_model_main_refuses_bad_flags(refused, argv, expect):
     assert expect in refused(M.main, argv + ["--model", "tiny"])
 
 
-def test_bench_refuses_bad_counts(refused, monkeypatch):
-    monkeypatch.setattr(sys, "argv", ["bench.py", "sampler", "--batches", "8", "0"])
-    assert "--batches" in refused(lambda argv: bench.main(), None)
+@pytest.mark.parametrize("flag", ["--batches", "--code-prompts"])
+def test_bench_refuses_bad_counts(refused, monkeypatch, flag):
+    monkeypatch.setattr(sys, "argv", ["bench.py", "sampler", flag, "8", "0"])
+    assert flag in refused(lambda argv: bench.main(), None)
 
 
 def test_good_arguments_pass_the_checks(tmp_path, files, monkeypatch):
