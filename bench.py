@@ -32,9 +32,12 @@ QUESTIONS = ["What is 17 * 23 + 5?", "Find the sum of all primes below 100.", "S
              "What is the gcd of 1071 and 462?"]
 DEMO = ("Example.\nQuestion: What is 2**10 + 3**5?\nAnswer:\n```python\na = 2**10\nprint(a)\n```\n```output\n1024\n```\n"
         "```python\nb = 3**5\nprint(a + b)\n```\n```output\n1267\n```\nSo the answer is \\boxed{1267}.\n\n")
+# 32 distinct questions, so that no two greedy rollouts of a 32-row run are alike and reach
+# their code blocks together (the E-step's sampled rollouts part after the prompt as well)
 CODE_QUESTIONS = [f"What is {a}**{b} + {c}**{d}?" for a, b, c, d in
                   [(2, 20, 3, 7), (5, 9, 7, 6), (11, 5, 13, 4), (6, 8, 9, 5), (4, 11, 3, 12), (7, 7, 2, 30),
-                   (12, 6, 5, 10), (3, 15, 8, 6)]]
+                   (12, 6, 5, 10), (3, 15, 8, 6)]
+                  + [(2 + i % 11, 5 + 3 * i % 13, 3 + 5 * i % 7, 4 + 7 * i % 9) for i in range(24)]]
 
 
 def timed(fn, device):
