@@ -764,7 +764,6 @@ def main(argv=None):
         print_plan(args, n_data, device, world)
     os.makedirs(args.out, exist_ok=True)
     metrics_path = os.path.join(args.out, "metrics.jsonl")
-    start_iter = 1
     ckpt = find_checkpoint(args.out) if args.resume else None
     if args.resume and ckpt is None:
         print(f"[em] --resume: no checkpoint under {args.out}; starting from {args.model}", file=sys.stderr)
@@ -776,22 +775,7 @@ def main(argv=None):
     if args.fsdp:
         D.shard(model, M.DTYPES[args.dtype], args.cpu_offload)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
-    if ckpt:
-        state = torch.load(os.path.join(ckpt, "trainer_state.pt"), weights_only=False)
-        D.load_optimizer(model, opt, state["optimizer"]) if args.fsdp else opt.load_state_dict(state["optimizer"])
-        random.setstate(state["rng"]["python"])
-        np.random.set_state(state["rng"]["numpy"])
-        torch.set_rng_state(state["rng"]["torch"])
-        start_iter = state["iteration"] + 1
-        if D.is_main():
-            append_metrics(metrics_path, None, keep_until=state["iteration"])
-        print(f"[em] resumed from {ckpt} after iteration {state['iteration']}", file=sys.stderr)
-    elif os.path.exists(metrics_path) and D.is_main():        # a fresh start: nothing of an older run stays
-        os.remove(metrics_path)
-    if D.is_main():                 # evaluations resume from their samples; never from a stale run's
-        for name in os.listdir(args.out):
-            if name.startswith("eval-iter") and name[9:].isdigit() and int(name[9:]) >= start_iter - (start_iter == 1):
-                shutil.rmtree(os.path.join(args.out, name), ignore_errors=True)
+    start_iter = restore(args, ckpt, model, opt, metrics_path)
     pool = E.load_problems(args.data, args.train_size if args.data.startswith("builtin") else None)
     if start_iter == 1 and args.eval_data and args.eval_every and args.eval_first:
         t0 = time.time()                    # the untrained model, the baseline every curve starts from
@@ -839,6 +823,31 @@ def main(argv=None):
                   f"{row['seconds']:.0f}s")
         D.barrier()
     return metrics_path
+
+
+def restore(args, ckpt, model, opt, metrics_path):
+    """The iteration to start from. From a checkpoint: the optimizer, the random states and the
+    metrics up to its iteration come back. A fresh start drops an older run's metrics. Either
+    way the evaluations from the starting iteration on are removed: an evaluation resumes from
+    its own samples, never from a stale run's."""
+    start_iter = 1
+    if ckpt:
+        state = torch.load(os.path.join(ckpt, "trainer_state.pt"), weights_only=False)
+        D.load_optimizer(model, opt, state["optimizer"]) if args.fsdp else opt.load_state_dict(state["optimizer"])
+        random.setstate(state["rng"]["python"])
+        np.random.set_state(state["rng"]["numpy"])
+        torch.set_rng_state(state["rng"]["torch"])
+        start_iter = state["iteration"] + 1
+        if D.is_main():
+            append_metrics(metrics_path, None, keep_until=state["iteration"])
+        print(f"[em] resumed from {ckpt} after iteration {state['iteration']}", file=sys.stderr)
+    elif os.path.exists(metrics_path) and D.is_main():
+        os.remove(metrics_path)
+    if D.is_main():
+        for name in os.listdir(args.out):
+            if name.startswith("eval-iter") and name[9:].isdigit() and int(name[9:]) >= start_iter - (start_iter == 1):
+                shutil.rmtree(os.path.join(args.out, name), ignore_errors=True)
+    return start_iter
 
 
 def iteration_row(it, args, records, n_items, losses, t_sample, t_train):
