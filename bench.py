@@ -51,10 +51,29 @@ def timed(fn, device):
     return out, time.perf_counter() - t
 
 
+def matmul_floor(model, b, reps=10):
+    """Milliseconds that the matrix products of one decode step take alone at batch b: each
+    linear layer of the model, with its own weights (so they are read from memory as in a
+    step), applied once to b rows; the median of `reps` steps. No sampler of this model can
+    step faster, so generate's time per token over this bounds what any sampler can gain."""
+    layers = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    w = layers[0].weight
+    xs = {n: torch.randn(b, n, dtype=w.dtype, device=w.device) for n in {m.in_features for m in layers}}
+
+    def step():
+        for m in layers:
+            torch.nn.functional.linear(xs[m.in_features], m.weight)
+    step()
+    return 1000 * statistics.median(timed(step, w.device)[1] for _ in range(reps))
+
+
 def bench_sampler(model, tok, batches, new_tokens):
     device = model.device
     print(f"\n== sampler vs generate: greedy, {new_tokens} new tokens, EOS ignored ==")
-    print(f"{'batch':>5} {'generate tok/s':>15} {'sample tok/s':>13} {'ratio':>6} {'same tokens':>12}")
+    print("(floor: one decode step's matrix products alone, ms; bound: generate's ms a token over the floor,")
+    print(" the most any sampler of this model could gain on generate)")
+    print(f"{'batch':>5} {'generate tok/s':>15} {'sample tok/s':>13} {'ratio':>6} {'same tokens':>12} "
+          f"{'floor':>6} {'bound':>6}")
     for b in batches:
         prompts = [M.chat_prompt(tok, QUESTIONS[i % len(QUESTIONS)]) for i in range(b)]
         ids, mask = (t.to(device) for t in M.left_pad(prompts, tok.pad_token_id))
@@ -64,8 +83,9 @@ def bench_sampler(model, tok, batches, new_tokens):
         outs, t_ours = timed(lambda: M.sample(model, tok, prompts, max_new_tokens=new_tokens, greedy=True,
                                               code=False, ignore_eos=True), device)
         same = sum(o.response_ids == ref[i, ids.shape[1]:].tolist() for i, o in enumerate(outs))
-        n = b * new_tokens
-        print(f"{b:>5} {n / t_gen:>15.1f} {n / t_ours:>13.1f} {t_gen / t_ours:>5.2f}x {same:>8}/{b}")
+        n, floor = b * new_tokens, matmul_floor(model, b)
+        print(f"{b:>5} {n / t_gen:>15.1f} {n / t_ours:>13.1f} {t_gen / t_ours:>5.2f}x {same:>8}/{b} "
+              f"{floor:>6.1f} {1000 * t_gen / new_tokens / floor:>5.2f}x")
 
 
 def reencode_loop(model, tok, prompts, prefixes, max_new_tokens, max_code_calls=4, max_output_chars=400):

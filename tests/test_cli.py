@@ -343,3 +343,21 @@ def test_rl_rollouts_report_progress(fake_sampler, tok):
     T.native_records(None, tok, E.load_problems("builtin:train", limit=3), 2, args, seed=0)
     [bar] = fake_sampler
     assert bar.bar.n == bar.bar.total == 6 and len(bar.calls) == 3 * 2
+
+
+def test_bench_matmul_floor_reads_every_linear_weight_once_per_step(tiny, monkeypatch):
+    """The floor bench.py prints beside generate must be one whole decode step's matrix
+    products: every linear layer of the model (LM head included), each once, at the batch."""
+    seen = []
+    real = torch.nn.functional.linear
+
+    def spy(x, weight, *a, **k):
+        seen.append((weight.data_ptr(), x.shape[0]))
+        return real(x, weight, *a, **k)
+    monkeypatch.setattr(torch.nn.functional, "linear", spy)
+    ms = bench.matmul_floor(tiny, 5, reps=3)
+    weights = {m.weight.data_ptr() for m in tiny.modules() if isinstance(m, torch.nn.Linear)}
+    steps = 1 + 3                                   # a warm-up step, then the timed ones
+    assert len(seen) == steps * len(weights)
+    assert {p for p, _ in seen} == weights and {b for _, b in seen} == {5}
+    assert ms > 0
