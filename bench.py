@@ -1,6 +1,7 @@
 """bench.py -- speed of the sampler and the sandbox, measured side by side in one run.
 
-  python bench.py sampler     # model.sample vs model.generate, batch 8 / 32 / 128, 128 new tokens
+  python bench.py sampler     # model.sample vs model.generate, batch 8 / 32 / 128, 128 new tokens,
+                              # and the floor: one decode step's matrix products alone
   python bench.py code        # code-calling rollouts, 8 and 32 of them: model.sample vs generate + re-encode loop
   python bench.py continuous  # 256 prompts of mixed lengths: continuous batching vs fixed chunks
   python bench.py sandbox     # sandbox latency p50 vs `python -c`, and a 64-cell batch
@@ -70,7 +71,7 @@ def matmul_floor(model, b, reps=10):
 def bench_sampler(model, tok, batches, new_tokens):
     device = model.device
     print(f"\n== sampler vs generate: greedy, {new_tokens} new tokens, EOS ignored ==")
-    print("(floor: one decode step's matrix products alone, ms; bound: generate's ms a token over the floor,")
+    print("(floor: one decode step's matrix products alone, ms; bound: generate's time a step over the floor,")
     print(" the most any sampler of this model could gain on generate)")
     print(f"{'batch':>5} {'generate tok/s':>15} {'sample tok/s':>13} {'ratio':>6} {'same tokens':>12} "
           f"{'floor':>6} {'bound':>6}")
