@@ -56,7 +56,7 @@ def matmul_floor(model, b, reps=10):
     """Milliseconds that the matrix products of one decode step take alone at batch b: each
     linear layer of the model, with its own weights (so they are read from memory as in a
     step), applied once to b rows; the median of `reps` steps. No sampler of this model can
-    step faster, so generate's time per token over this bounds what any sampler can gain."""
+    step faster, so generate's time a step over this bounds what any sampler can gain."""
     layers = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
     w = layers[0].weight
     xs = {n: torch.randn(b, n, dtype=w.dtype, device=w.device) for n in {m.in_features for m in layers}}
