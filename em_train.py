@@ -157,8 +157,8 @@ def decision_logprobs(model, prompts, prefixes, temperature=1.0, form="raw"):
     on each decision's token and nothing elsewhere, plus "continue c's prefix this way" weighted
     by s_star(c). Its optimum is p(code token) = s_star(code) and p(CoT token) = s_star(cot):
     it moves what the model opens with against every other token and names the opening of the
-    words the E-step scored. Four seeds with it: 0.73-0.82 on 256 held-out problems and the
-    code-rate target in all four; one continued to 12 iterations kept its words (README).
+    words the E-step scored. Six seeds with it: 0.73-0.82 on 256 held-out problems and the
+    code-rate target in all six; two continued to 12 iterations kept their words (README).
     form="absolute": pi(code|x) = p(code token at d) times the rest of the code prefix,
     pi(cot|x) = 1 - p(code token): any other opening counts as words. It names no opening for
     words, and continued to 12 iterations one seed's own words drifted from the "By hand: ..."
