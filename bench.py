@@ -2,7 +2,6 @@
 
   python bench.py sampler     # model.sample vs model.generate, batch 8 / 32 / 128, 128 new tokens,
                               # and the floor: one decode step's matrix products alone
-  python bench.py sampler --compile --dtype bf16   # ... and sample(compile=True) beside them
   python bench.py code        # code-calling rollouts, 8 and 32 of them: model.sample vs generate + re-encode loop
   python bench.py continuous  # 256 prompts of mixed lengths: continuous batching vs fixed chunks
   python bench.py sandbox     # sandbox latency p50 vs `python -c`, and a 64-cell batch
@@ -69,14 +68,12 @@ def matmul_floor(model, b, reps=10):
     return 1000 * statistics.median(timed(step, w.device)[1] for _ in range(reps))
 
 
-def bench_sampler(model, tok, batches, new_tokens, compiled=False):
+def bench_sampler(model, tok, batches, new_tokens):
     device = model.device
     print(f"\n== sampler vs generate: greedy, {new_tokens} new tokens, EOS ignored ==")
     print("(floor: one decode step's matrix products alone, ms; bound: generate's time a step over the floor,")
-    print(" the most any sampler of this model could gain on generate" +
-          ("; compiled: sample(compile=True), compiled before timing)" if compiled else ")"))
-    extra = f" {'compiled tok/s':>15} {'ratio':>6} {'same':>6}" if compiled else ""
-    print(f"{'batch':>5} {'generate tok/s':>15} {'sample tok/s':>13} {'ratio':>6} {'same tokens':>12}{extra} "
+    print(" the most any sampler of this model could gain on generate)")
+    print(f"{'batch':>5} {'generate tok/s':>15} {'sample tok/s':>13} {'ratio':>6} {'same tokens':>12} "
           f"{'floor':>6} {'bound':>6}")
     for b in batches:
         prompts = [M.chat_prompt(tok, QUESTIONS[i % len(QUESTIONS)]) for i in range(b)]
@@ -84,18 +81,11 @@ def bench_sampler(model, tok, batches, new_tokens, compiled=False):
         ref, t_gen = timed(lambda: model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens,
                                                   min_new_tokens=new_tokens, do_sample=False,
                                                   pad_token_id=tok.pad_token_id), device)
-        ref = [ref[i, ids.shape[1]:].tolist() for i in range(b)]
-        runs = [False, True] if compiled else [False]
-        cols = []
-        for c in runs:
-            outs, t_ours = timed(lambda: M.sample(model, tok, prompts, max_new_tokens=new_tokens, greedy=True,
-                                                  code=False, ignore_eos=True, compile=c), device)
-            cols.append((t_ours, sum(o.response_ids == r for o, r in zip(outs, ref))))
+        outs, t_ours = timed(lambda: M.sample(model, tok, prompts, max_new_tokens=new_tokens, greedy=True,
+                                              code=False, ignore_eos=True), device)
+        same = sum(o.response_ids == ref[i, ids.shape[1]:].tolist() for i, o in enumerate(outs))
         n, floor = b * new_tokens, matmul_floor(model, b)
-        (t_ours, same), extra = cols[0], ""
-        if compiled:
-            extra = f" {n / cols[1][0]:>15.1f} {t_gen / cols[1][0]:>5.2f}x {cols[1][1]:>3}/{b:<2}"
-        print(f"{b:>5} {n / t_gen:>15.1f} {n / t_ours:>13.1f} {t_gen / t_ours:>5.2f}x {same:>8}/{b}{extra} "
+        print(f"{b:>5} {n / t_gen:>15.1f} {n / t_ours:>13.1f} {t_gen / t_ours:>5.2f}x {same:>8}/{b} "
               f"{floor:>6.1f} {1000 * t_gen / new_tokens / floor:>5.2f}x")
 
 
@@ -241,8 +231,6 @@ def main():
     ap.add_argument("--cb-prompts", type=int, default=256, help="prompts of the continuous-batching run")
     ap.add_argument("--cb-width", type=int, default=64, help="batch width of the continuous-batching run")
     ap.add_argument("--reps", type=int, default=50)
-    ap.add_argument("--compile", action="store_true",
-                    help="sampler: also time sample(compile=True) (decode_forward under torch.compile)")
     args = ap.parse_args()
     args.what = args.what or ["all"]
     if set(args.what) - {"all", "sampler", "code", "continuous", "sandbox"}:
@@ -265,12 +253,8 @@ def main():
         name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
         print(f"model: {args.model} {args.dtype} on {args.device} ({name})")
         M.sample(model, tok, [M.chat_prompt(tok, "Hi")], max_new_tokens=2, code=False)     # warm up the kernels
-        if args.compile:       # compile before timing; every width and length after it reuses the code
-            _, t = timed(lambda: M.sample(model, tok, [M.chat_prompt(tok, q) for q in QUESTIONS[:3]], max_new_tokens=3,
-                                          greedy=True, code=False, ignore_eos=True, compile=True), device)
-            print(f"compiled decode_forward in {t:.1f} s")
         if {"all", "sampler"} & set(args.what):
-            bench_sampler(model, tok, args.batches, args.new_tokens, args.compile)
+            bench_sampler(model, tok, args.batches, args.new_tokens)
         if {"all", "code"} & set(args.what):
             for n in args.code_prompts:
                 bench_code(model, tok, n, args.new_tokens)

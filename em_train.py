@@ -248,8 +248,7 @@ def native_records(model, tok, problems, n, args, seed):
     for start in range(0, len(jobs), args.sample_batch):
         part = jobs[start:start + args.sample_batch]
         outs = M.sample(model, tok, [prompts[qi] for qi in part], max_new_tokens=args.max_new_tokens,
-                        temperature=args.temperature, seed=seed * 100003 + start, progress=bar.hook,
-                        compile=args.compile)
+                        temperature=args.temperature, seed=seed * 100003 + start, progress=bar.hook)
         bar.batch_done(outs)
         for qi, o in zip(part, outs):
             p = problems[qi]
@@ -600,7 +599,7 @@ def evaluate_iteration(model, tok, args, iteration, rank=0, world=1):
     with D.gathered(model):
         records, _ = E.run(sampler_of(model, args), tok, problems, args.eval_modes, out, max_new_tokens=args.max_new_tokens,
                            batch_size=args.sample_batch, fewshot=args.fewshot, progress=D.is_main(),
-                           autonomous=args.autonomous_prompt, compile=args.compile)
+                           autonomous=args.autonomous_prompt)
     release_freed_memory()
     records = D.gather(records)
     s = E.summarize(records, args.eval_modes)
@@ -667,8 +666,6 @@ def parse_args(argv=None):
     ap.add_argument("--adv", default="whiten", choices=["whiten", "raw"])
     ap.add_argument("--kl-coef", type=float, default=0.0)
     ap.add_argument("--sample-batch", type=int, default=32, help="rollouts sampled together")
-    ap.add_argument("--compile", action="store_true",
-                    help="E-step and evaluation decode with model.decode_forward under torch.compile (Llama/Qwen2)")
     ap.add_argument("--eval-every", type=int, default=1)
     ap.add_argument("--eval-data", default=None, help="default builtin:test when --data is builtin")
     ap.add_argument("--eval-n", type=int, default=32)
@@ -706,8 +703,6 @@ def check_args(args):
                                     "--sample-batch", "--eval-n"),
                     non_negative=("--decision-coef", "--decision-trust", "--kl-coef", "--eval-every",
                                   "--trim-every"))
-    if args.compile and args.fsdp:
-        E.fail("--compile decodes with whole weights; under --fsdp they are sharded: drop one of the two")
     if args.decision_trust and args.fsdp:
         E.fail("--decision-trust is for one process (its extra forwards differ between ranks); drop --fsdp")
     X.check_estep_args(args, uses_prior=args.algo != "rl")
@@ -802,7 +797,7 @@ def main(argv=None):
                                     prefixes_text={"cot": args.cot_prefix, "code": args.code_prefix},
                                     max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                     seed=seed + 7919 * rank, batch_size=args.sample_batch, fewshot=args.fewshot,
-                                    progress=D.is_main(), autonomous=args.autonomous_prompt, compile=args.compile)
+                                    progress=D.is_main(), autonomous=args.autonomous_prompt)
         del policy
         release_freed_memory()          # the sampler's cache and the bf16 copy are gone: give them back
         t_sample = time.time() - t0

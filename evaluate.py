@@ -262,9 +262,8 @@ class Progress:
 
 
 def run(model, tok, problems, modes, out_dir, n=1, temperature=0.0, max_new_tokens=512, batch_size=16,
-        seed=0, fewshot=True, progress=True, autonomous="neutral", compile=False):
-    """Sample, grade and record every (problem, mode, sample). Returns all records.
-    compile: decode with model.decode_forward under torch.compile (model.sample)."""
+        seed=0, fewshot=True, progress=True, autonomous="neutral"):
+    """Sample, grade and record every (problem, mode, sample). Returns all records."""
     import model as M
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, "samples.jsonl")
@@ -282,7 +281,7 @@ def run(model, tok, problems, modes, out_dir, n=1, temperature=0.0, max_new_toke
                 t = time.time()
                 outs = M.sample(model, tok, list(prompts), list(prefixes), max_new_tokens=max_new_tokens,
                                 greedy=temperature == 0, temperature=max(temperature, 1e-5),
-                                seed=seed + start, code=MODES[mode]["code"], progress=bar.hook, compile=compile)
+                                seed=seed + start, code=MODES[mode]["code"], progress=bar.hook)
                 bar.batch_done(outs)
                 timing[mode][0] += time.time() - t
                 timing[mode][1] += sum(o.n_sampled for o in outs)
@@ -494,8 +493,6 @@ def main(argv=None):
     ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     ap.add_argument("--max-new-tokens", type=int, default=512)
     ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--compile", action="store_true",
-                    help="decode with the written-out step under torch.compile (Llama/Qwen2; bench.py --compile)")
     ap.add_argument("--no-fewshot", dest="fewshot", action="store_false", help="zero-shot prompts (drop FEWSHOT)")
     ap.add_argument("--autonomous-prompt", default="neutral", choices=list(AUTONOMOUS),
                     help="the autonomous instruction: invite code, or name neither decision (see AUTONOMOUS)")
@@ -519,7 +516,7 @@ def main(argv=None):
     t = time.time()
     records, timing = run(model, tok, problems, args.modes, out, n=args.n, temperature=args.temperature,
                           max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, seed=args.seed,
-                          fewshot=args.fewshot, autonomous=args.autonomous_prompt, compile=args.compile)
+                          fewshot=args.fewshot, autonomous=args.autonomous_prompt)
     wall = time.time() - t
     ids = {p["id"] for p in problems}
     summary = summarize([r for r in records if r["id"] in ids], args.modes)

@@ -101,12 +101,11 @@ def prefix_prior(model, tok, prompt, prefixes):
 
 def explore(model, tok, problems, k=4, native_k=2, estep="softmax", alpha=5.0, prior="native", keep=None,
             prefixes_text=None, max_new_tokens=384, temperature=1.0, seed=0, batch_size=32, fewshot=True,
-            progress=True, ties="cot", autonomous="neutral", compile=False):
+            progress=True, ties="cot", autonomous="neutral"):
     """Run the E-step over `problems`; return one record per rollout (see the docstring).
     Rollouts of all queries for one decision are sampled together, `batch_size` at a time.
     Sampling is plain temperature sampling (no top-p / top-k): the M-step's teacher-forced
-    log-probs use the full tempered softmax, so only then is the ratio exactly 1 on-policy.
-    compile: decode with model.decode_forward under torch.compile (model.sample)."""
+    log-probs use the full tempered softmax, so only then is the ratio exactly 1 on-policy."""
     if prior == "native" and native_k < 1:
         raise ValueError("prior 'native' needs native_k >= 1 unforced rollouts per query")
     if temperature <= 0:
@@ -126,8 +125,7 @@ def explore(model, tok, problems, k=4, native_k=2, estep="softmax", alpha=5.0, p
             part = [qi for d, qi in chunk if d == c]
             outs = M.sample(model, tok, [prompts[qi] for qi in part],
                             [prefixes[c] if c in prefixes else [] for _ in part], max_new_tokens=max_new_tokens,
-                            temperature=temperature, seed=seed * 100003 + start, code=(c != "cot"), progress=bar.hook,
-                            compile=compile)
+                            temperature=temperature, seed=seed * 100003 + start, code=(c != "cot"), progress=bar.hook)
             bar.batch_done(outs)
             for qi, o in zip(part, outs):
                 rollouts.setdefault((c, qi), []).append(o)

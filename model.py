@@ -14,8 +14,6 @@ Building blocks, top to bottom:
                            (no `generate`): continuous batching, greedy/temperature/top-p/
                            top-k, stop strings, a forced response prefix per prompt, code
                            interleaving inside the same cache, behaviour log-probs.
-  decode_forward(...)   -- the one-token step of a Llama/Qwen2 decoder written out, over the
-                           same cache; sample(compile=True) runs it under torch.compile.
   sequence_logprobs(...) -- teacher-forced log-probs of recorded responses (the M-step's
                            pi_theta, batched, differentiable).
 
@@ -59,7 +57,6 @@ from concurrent.futures import ALL_COMPLETED, FIRST_COMPLETED, ThreadPoolExecuto
 from dataclasses import dataclass, field
 
 import torch
-import torch.fx.experimental._config
 import torch.utils.checkpoint
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -457,112 +454,18 @@ def _buckets(width):
     return sorted({1 << i for i in range(width.bit_length()) if 1 << i < width} | {width})
 
 
-STEP_MODELS = ("llama", "qwen2")      # model types decode_forward implements
-
-
-def step_weights(model):
-    """What decode_forward reads, per layer: (norm, (qkv weight, bias), (o weight, bias), norm,
-    (gate|up weight, bias), (down weight, bias)); q, k, v and gate, up are concatenated into
-    one matrix each: fewer, larger products (a step's products took 40 ms so against 49 ms in
-    transformers' forward; bf16, batch 32, 2-core CPU, an ad hoc profile). The concatenated
-    copies (+140 MB in bf16 for the embedded model) live as long as the sampler."""
-    cfg = model.config
-    if (cfg.model_type not in STEP_MODELS or cfg.hidden_act != "silu" or getattr(cfg, "use_sliding_window", False)
-            or not hasattr(getattr(model, "model", None), "layers")):
-        raise ValueError(f"sample(compile=True) implements the {'/'.join(STEP_MODELS)} decoder (SiLU, full "
-                         f"attention, model.model.layers); this is a {type(model).__name__} of type "
-                         f"'{cfg.model_type}'. Sample without --compile.")
-    if any(type(m).__name__.startswith("FSDP") for m in model.modules()):
-        raise ValueError("sample(compile=True) reads whole weights; under --fsdp they are sharded. "
-                         "Sample without --compile.")
-    cat = lambda *ls: (torch.cat([l.weight for l in ls]),
-                       None if ls[0].bias is None else torch.cat([l.bias for l in ls]))
-    own = lambda l: (l.weight, l.bias)
-    layers = [(b.input_layernorm.weight, cat(b.self_attn.q_proj, b.self_attn.k_proj, b.self_attn.v_proj),
-               own(b.self_attn.o_proj), b.post_attention_layernorm.weight,
-               cat(b.mlp.gate_proj, b.mlp.up_proj), own(b.mlp.down_proj)) for b in model.model.layers]
-    heads, kv = cfg.num_attention_heads, cfg.num_key_value_heads
-    shape = (heads, kv, getattr(cfg, "head_dim", None) or cfg.hidden_size // heads, cfg.rms_norm_eps)
-    return layers, model.model.embed_tokens.weight, model.model.norm.weight, model.lm_head.weight, shape
-
-
-def _rms(x, weight, eps):
-    x32 = x.float()
-    return weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
-
-
-def _rotary(x, cos, sin):
-    x1, x2 = x.chunk(2, -1)
-    return x * cos + torch.cat([-x2, x1], -1) * sin
-
-
-def decode_layer(x, layer, k_all, v_all, rows, cols, cos, sin, mask, shape):
-    """One decoder layer for one token per row: RMS norm, q/k/v, rotary embedding, this
-    token's key and value into column `cols` of the row's slot, attention over the columns
-    the mask lets each row see, output projection, residual, RMS norm, SwiGLU MLP, residual."""
-    (norm1, qkv, o, norm2, gate_up, down), (heads, kv, hd, eps) = layer, shape
-    w, linear = x.shape[0], torch.nn.functional.linear
-    q, k, v = linear(_rms(x, norm1, eps), *qkv).split([heads * hd, kv * hd, kv * hd], -1)
-    k_all[rows, :, cols] = _rotary(k.view(w, kv, hd), cos, sin)
-    v_all[rows, :, cols] = v.view(w, kv, hd)
-    q = _rotary(q.view(w, heads, hd), cos, sin).view(w, kv, heads // kv, hd)   # the query heads of each kv head
-    width = mask.shape[-1]
-    scores = q @ k_all[:w, :, :width].transpose(-1, -2) * hd ** -0.5 + mask
-    att = torch.softmax(scores.float(), -1).to(x.dtype) @ v_all[:w, :, :width]
-    x = x + linear(att.reshape(w, heads * hd), *o)
-    g, u = linear(_rms(x, norm2, eps), *gate_up).chunk(2, -1)
-    return x + linear(torch.nn.functional.silu(g) * u, *down)
-
-
-def decode_forward(weights, ids, pos, cols, cos, sin, k_cache, v_cache, width, layer_fn=decode_layer):
-    """One token for each of rows 0..w-1 of the cache, the decoder written out: embed, the
-    layers, final norm, LM head; a row at position p sees columns 0..p (of `width` read).
-    The same arithmetic as transformers' Llama/Qwen2 forward, rounded to bf16 where it rounds
-    (RMS norm in fp32; softmax in fp32, as its attention kernel does). Returns the logits
-    [w, vocab]."""
-    layers, embed, final_norm, head, shape = weights
-    x = torch.nn.functional.embedding(ids, embed)
-    rows = torch.arange(x.shape[0], device=ids.device)
-    hidden = torch.arange(width, device=ids.device) > pos[:, None]
-    mask = torch.zeros(hidden.shape, dtype=x.dtype, device=x.device).masked_fill_(hidden, torch.finfo(x.dtype).min)
-    for layer, k_all, v_all in zip(layers, k_cache, v_cache):
-        x = layer_fn(x, layer, k_all, v_all, rows, cols, cos, sin, mask[:, None, None], shape)
-    return torch.nn.functional.linear(_rms(x, final_norm, shape[3]), head)
-
-
-_compiled_layer = None
-
-
-def compiled_layer(*args):
-    """decode_layer(*args) compiled once per process and reused by every layer (same shapes,
-    other weights), with every size symbolic (batch width, cache width, columns read), so
-    rows finishing, the cache growing and each E-step's new model copy reuse one compiled
-    version; a batch of one row gets its own (torch specializes sizes of 1). Sizes that happen
-    to be equal are kept apart (no "duck sizing"): else the first call's 3 rows and 3 kv heads
-    would be taken as equal and the next width would recompile. Compiling took 23 s on a
-    2-core CPU with torch's on-disk cache empty, 6 s with it filled (bench.py --compile)."""
-    global _compiled_layer
-    if _compiled_layer is None:
-        _compiled_layer = torch.compile(decode_layer, dynamic=True)
-    with torch.fx.experimental._config.patch(use_duck_shape=False):
-        return _compiled_layer(*args)
-
-
 class _DecodeStep:
     """The one-token decode step over slots 0..w-1, on static buffers, for w in the buckets.
-    Three ways to run it: transformers' forward, eagerly, reading only the columns in use (the
-    default, and what every README run used); on CUDA, that step (forward + sampling) captured
-    once per bucket as a CUDA graph reading the full cache width and replayed; or, with
-    `compiled`, decode_forward under torch.compile. Either way one host transfer in and one
-    out per step."""
+    On CUDA each bucket's step (forward + sampling) is captured once as a CUDA graph reading
+    the full cache width and replayed; elsewhere the same step runs eagerly, reading only the
+    columns in use. Either way one host transfer in and one out per step."""
 
-    def __init__(self, model, cache, width, draw, graphs, compiled=False):
+    def __init__(self, model, cache, width, draw, graphs):
         self.model, self.cache, self.draw, self.graphs = model, cache, draw, graphs
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
         self.inputs = torch.zeros(5, width, dtype=torch.long, device=self.device)  # id pos col key count
         self.buckets, self.captured = _buckets(width), {}
-        self.weights = step_weights(model) if compiled else None
 
     def __call__(self, ids, pos, cols, keys, counts):
         """Step len(ids) slots (padded up to a bucket); returns (tokens, log-probs) lists."""
@@ -583,15 +486,10 @@ class _DecodeStep:
 
     def _forward(self, w, width):
         ids, pos, cols, keys, counts = self.inputs[:, :w]
-        if self.weights is not None:
-            cos, sin = self.model.model.rotary_emb(self.cache.k[0], pos[:, None])   # [w, 1, head dim]
-            logits = decode_forward(self.weights, ids, pos, cols, cos, sin, self.cache.k, self.cache.v, width,
-                                    compiled_layer)
-        else:
-            self.cache.plan(slice(0, w), cols[:, None], width)
-            mask = _attention_mask(pos[:, None], None, width, self.dtype)
-            logits = self.model(input_ids=ids[:, None], position_ids=pos[:, None], attention_mask=mask,
-                                cache=self.cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+        self.cache.plan(slice(0, w), cols[:, None], width)
+        mask = _attention_mask(pos[:, None], None, width, self.dtype)
+        logits = self.model(input_ids=ids[:, None], position_ids=pos[:, None], attention_mask=mask,
+                            cache=self.cache, use_cache=True, logits_to_keep=1).logits[:, -1]
         token, logp = self.draw(logits, keys, counts)
         return torch.stack([token.double(), logp.double()])
 
@@ -660,7 +558,7 @@ class _Sampler:
     methods are the steps of `sample`'s loop; rows[s] is the row in slot s."""
 
     def __init__(self, model, tok, width, capacity, *, max_new_tokens, stop, eos, code, executor,
-                 max_code_calls, max_output_chars, draw, compiled=False):
+                 max_code_calls, max_output_chars, draw):
         self.model, self.tok, self.draw = model, tok, draw
         self.device = next(model.parameters()).device
         self.max_new_tokens, self.stop, self.eos, self.code = max_new_tokens, list(stop), eos, code
@@ -669,9 +567,8 @@ class _Sampler:
         self.stop_ids = _watched(tok, "".join(stop))
         self.stop_span = max(map(len, self.stop), default=0) + 2    # tokens that can hold a stop string
         self.cache = SlotCache(width, capacity)
-        graphs = (self.device.type == "cuda" and not compiled
-                  and not any(type(m).__name__.startswith("FSDP") for m in model.modules()))
-        self.step = _DecodeStep(model, self.cache, width, draw, graphs, compiled)
+        graphs = self.device.type == "cuda" and not any(type(m).__name__.startswith("FSDP") for m in model.modules())
+        self.step = _DecodeStep(model, self.cache, width, draw, graphs)
         self.pool = ThreadPoolExecutor(max_workers=max(1, os.cpu_count() or 1)) if code else None
         self.rows, self.width, self.finished, self.reported = [], width, [], 0
         self.refill = max(1, width // 4)
@@ -869,8 +766,7 @@ class _Sampler:
 @torch.no_grad()
 def sample(model, tok, prompts, prefixes=None, *, max_new_tokens=512, temperature=1.0, top_p=1.0,
            top_k=0, greedy=False, stop=(), seed=0, executor=default_executor, max_code_calls=4,
-           max_output_chars=400, code=True, ignore_eos=False, batch_size=None, progress=None, lockstep=True,
-           compile=False):
+           max_output_chars=400, code=True, ignore_eos=False, batch_size=None, progress=None, lockstep=True):
     """Sample one solution per prompt (lists of token ids). Returns a list of Rollout, in order.
 
     prefixes: per-prompt forced response prefix (token ids), fed as if the model had written
@@ -889,10 +785,6 @@ def sample(model, tok, prompts, prefixes=None, *, max_new_tokens=512, temperatur
     another token, and the runs parted from there (README, Results). It costs a stall only when
     an execution outlasts a decode step (on a 2-core CPU a step takes ~0.1 s at batch 32; the
     sandbox answers in ~0.01 s). lockstep=False lets the other rows decode meanwhile.
-    compile: one-token steps run decode_forward under torch.compile instead of transformers'
-    forward (Llama and Qwen2 models, not under FSDP; prompts and outputs are still fed by
-    transformers' forward). Faster once compiled (bench.py --compile); bf16 rounding differs
-    from the default path's, so tokens part from it where two are nearly tied.
     """
     prefixes = prefixes or [[] for _ in prompts]
     if any(not p and not f for p, f in zip(prompts, prefixes)):
@@ -907,8 +799,7 @@ def sample(model, tok, prompts, prefixes=None, *, max_new_tokens=512, temperatur
     draw = lambda logits, keys, counts: _draw(logits, keys, counts, greedy, temperature, top_k, top_p)
     run = _Sampler(model, tok, width, longest + max_new_tokens + inserted, max_new_tokens=max_new_tokens,
                    stop=stop, eos=set() if ignore_eos else set(stop_token_ids(model, tok)), code=code,
-                   executor=executor, max_code_calls=max_code_calls, max_output_chars=max_output_chars, draw=draw,
-                   compiled=compile)
+                   executor=executor, max_code_calls=max_code_calls, max_output_chars=max_output_chars, draw=draw)
     queue = deque(_Row(i, p, f, _row_key(seed, i)) for i, (p, f) in enumerate(zip(prompts, prefixes)))
     try:
         while queue or run.rows:

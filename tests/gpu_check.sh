@@ -14,7 +14,6 @@
 #   em-offload   torchrun --fsdp --cpu-offload (the shards and AdamW state in CPU memory)
 #   bench-0.5b   bench.py sampler --device cuda, 0.5B shape
 #   bench-7b     bench.py sampler --device cuda, 7B shape (sampling speed and memory)
-#   bench-compile  bench.py sampler --compile --device cuda, 0.5B shape (model.decode_forward compiled)
 #   plan         python distributed.py --plan
 # summary.txt gets one line per stage: exit status, seconds, peak GPU memory seen by nvidia-smi.
 # Not collected by pytest (not a test_*.py file).
@@ -107,7 +106,6 @@ stage em-fsdp 150 "${TORCHRUN[@]}" em_train.py --fsdp --model "$SMALL" "${EM[@]}
 stage em-offload 150 "${TORCHRUN[@]}" em_train.py --fsdp --cpu-offload --model "$SMALL" "${EM[@]}" --out "$WORK/em-offload"
 stage bench-0.5b 120 "$PYTHON" bench.py "${BENCH[@]}" --model "$SMALL" --device "$DEVICE"
 stage bench-7b 150 "$PYTHON" bench.py "${BENCH[@]}" --model "$BIG" --device "$DEVICE"
-stage bench-compile 240 "$PYTHON" bench.py "${BENCH[@]}" --compile --model "$SMALL" --device "$DEVICE"
 stage plan 60 "$PYTHON" distributed.py --plan
 for run in em-1proc em-fsdp em-offload; do     # the metrics lines, for the record
     [ -f "$WORK/$run/metrics.jsonl" ] && cp "$WORK/$run/metrics.jsonl" "$OUT/$run.metrics.jsonl"

@@ -120,7 +120,6 @@ def test_evaluate_refuses_bad_data_files(refused, files, name, expect):
     (["--out", "/proc/x"], "--out /proc/x"),
     (["--data", "builtin:nonsense"], "builtin:nonsense"),
     (["--eval-data", "builtin:nonsense"], "builtin:nonsense"),
-    (["--compile", "--fsdp"], "--compile decodes with whole weights"),
 ])
 def test_em_train_refuses_bad_flags(refused, argv, expect):
     assert expect in refused(T.main, argv + ["--model", "tiny"] + ([] if "--out" in argv else ["--out", "run"]))
@@ -362,32 +361,3 @@ def test_bench_matmul_floor_reads_every_linear_weight_once_per_step(tiny, monkey
     assert len(seen) == steps * len(weights)
     assert {p for p, _ in seen} == weights and {b for _, b in seen} == {5}
     assert ms > 0
-
-
-@pytest.mark.parametrize("where", ["evaluate", "explore", "rl", "em_train eval"])
-def test_compile_reaches_every_sampling_call(tok, monkeypatch, tmp_path, where):
-    """--compile (evaluate.py, em_train.py) is passed to every model.sample call, and only then."""
-    seen = []
-
-    def sample(model, tok, prompts, prefixes=None, *, compile=False, **kw):
-        seen.append(compile)
-        return [rollout(3) for _ in prompts]
-
-    monkeypatch.setattr(M, "sample", sample)
-    for flag in (False, True):
-        seen.clear()
-        if where == "evaluate":
-            E.run(None, tok, E.load_problems("builtin:test", limit=2), ["cot", "code"], str(tmp_path / str(flag)),
-                  max_new_tokens=3, progress=False, compile=flag)
-        elif where == "explore":
-            X.explore(None, tok, E.load_problems("builtin:train", limit=2), k=2, native_k=1, max_new_tokens=3,
-                      progress=False, compile=flag)
-        else:
-            args = T.parse_args(["--max-new-tokens", "3", "--out", str(tmp_path / f"run{flag}"), "--eval-n", "2",
-                                 "--eval-modes", "cot"] + ["--compile"] * flag)
-            if where == "rl":
-                T.native_records(None, tok, E.load_problems("builtin:train", limit=2), 2, args, seed=0)
-            else:
-                monkeypatch.setattr(T, "sampler_of", lambda model, args: model)
-                T.evaluate_iteration(None, tok, args, 0)
-        assert seen and set(seen) == {flag}
