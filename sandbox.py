@@ -27,8 +27,9 @@ and numpy + sympy imported. Z never reads a request: it only forks, ahead of tim
      (read-only), a minimal /dev (null zero full random urandom, a private shm), an empty /run
      and a private tmpfs on an empty scratch directory, and forks
   W  the worker: a new user namespace in which it is uid/gid 65534 with no capabilities at all
-     (empty bounding set), no_new_privs, a fresh session keyring, its own session, resource
-     limits, cwd = HOME = TMPDIR = the scratch tmpfs, stdin empty; it runs the cells.
+     (empty bounding set), no_new_privs, a seccomp filter that refuses new namespaces and
+     mounts, a fresh session keyring, its own session, resource limits, cwd = HOME = TMPDIR =
+     the scratch tmpfs, stdin empty; it runs the cells.
 
 What decides a result. The verdict travels on pipes the cell never holds: R (root outside,
 PID 1, which W's uid cannot signal) reports how W ended (waitpid), G reads that and keeps its
@@ -67,16 +68,18 @@ or a machine that does not allow them, gives the fallback. As root it is refused
 raises RuntimeError) unless AUTOCODE_SANDBOX_ROOT_FALLBACK=1, which the tests set: cells then
 run as root with every capability dropped, the same rights as a non-root user running its own
 code, which is what the fallback is for. The fallback still does: a scrubbed environment, a
-fresh session keyring, no capabilities, no_new_privs, resource limits, a supervisor that is a
-child subreaper and kills every descendant of the request (setsid or setpgid children too) plus
-everything in its cgroup (cgroups only as root), a scratch directory removed afterwards, the
+fresh session keyring, no capabilities, no_new_privs, the seccomp filter, resource limits, a
+supervisor that is a child subreaper and kills every descendant of the request (setsid or
+setpgid children too) plus everything in its cgroup (cgroups only as root), a scratch directory removed afterwards, the
 sandbox's own processes non-dumpable (their /proc/<pid>/mem, environ and fd are closed to the
 cell), the same untrusted-report rules and the caller's deadline. FALLBACK_GAPS lists what it
 does NOT protect; `--selftest` prints it.
 
 Never protected against, in either mode: reading world-readable files (keep secrets off the
 machine that runs rollouts, or at least not world-readable), a unix socket that any user may
-write to, CPU contention with the host, kernel exploits (nested user namespaces are allowed).
+write to, CPU contention with the host, kernel exploits. (Nested namespaces and mounts are
+refused by a seccomp filter on x86_64 and aarch64, in both modes; elsewhere --selftest says
+the filter is off.)
 It is a guard for model-written math code, not a proof against a determined attacker.
 """
 import argparse
@@ -97,6 +100,7 @@ import select
 import selectors
 import signal
 import shutil
+import struct
 import subprocess
 import sys
 import tempfile
@@ -200,6 +204,62 @@ def _drop_capabilities():
     data = (ctypes.c_uint32 * 6)()                     # effective/permitted/inheritable = 0
     _check(_libc.capset(header, data), "capset")
     _check(_libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "no_new_privs")
+
+
+# seccomp: the system calls a cell may not make, by architecture. Namespaces (unshare, setns,
+# clone with a CLONE_NEW* flag) and mounts. A nested namespace is charged to the quota of the
+# uid that created the sandbox's user namespace, root, host-wide: a cell that kept ~96k of
+# them alive (each pinned by a bind mount, so no fd or process limit bounds them) made every
+# other sandbox, and root itself, fail to create one. clone3 passes its flags in memory a
+# filter cannot read, so it is refused with ENOSYS and the C library falls back to clone.
+SECCOMP_SYSCALLS = {
+    "x86_64": (0xC000003E, dict(unshare=272, setns=308, mount=165, umount2=166, pivot_root=155, open_tree=428,
+                                move_mount=429, fsopen=430, fsconfig=431, fsmount=432, fspick=433,
+                                mount_setattr=442), 56, 435),
+    "aarch64": (0xC00000B7, dict(unshare=97, setns=268, mount=40, umount2=39, pivot_root=41, open_tree=428,
+                                 move_mount=429, fsopen=430, fsconfig=431, fsmount=432, fspick=433,
+                                 mount_setattr=442), 220, 435),
+}.get(platform.machine())          # (audit arch, refused calls, clone, clone3); None: no filter
+CLONE_NEW_ANY = CLONE_NEWNS | CLONE_NEWCGROUP | CLONE_NEWUTS | CLONE_NEWIPC | CLONE_NEWUSER | CLONE_NEWPID | CLONE_NEWNET
+PR_SET_SECCOMP, SECCOMP_MODE_FILTER = 22, 2
+
+
+def _seccomp_program():
+    """The filter, as classic BPF instructions (code, jump if true, jump if false, k); jumps
+    count the instructions skipped. Calls of another ABI (i386 from a 64-bit process, x32
+    numbers) get ENOSYS, whatever they are."""
+    arch, refused, clone, clone3 = SECCOMP_SYSCALLS
+    LD, JEQ, JGE, JSET, RET = 0x20, 0x15, 0x35, 0x45, 0x06
+    ALLOW, EPERM, ENOSYS = 0x7FFF0000, 0x00050000 | errno.EPERM, 0x00050000 | errno.ENOSYS
+    eperm = 6 + len(refused) + 4                       # where the three returns at the end sit
+    allow, enosys = eperm + 1, eperm + 2
+    prog = [(LD, 0, 0, 4), (JEQ, 1, 0, arch), (RET, 0, 0, ENOSYS),         # seccomp_data.arch
+            (LD, 0, 0, 0), (JGE, 0, 1, 0x40000000), (RET, 0, 0, ENOSYS)]   # .nr (x32 bit: refused)
+    for nr in refused.values():
+        prog.append((JEQ, eperm - len(prog) - 1, 0, nr))
+    prog.append((JEQ, enosys - len(prog) - 1, 0, clone3))
+    prog.append((JEQ, 0, allow - len(prog) - 1, clone))
+    prog.append((LD, 0, 0, 16))                                           # clone's flags, low 32 bits
+    prog.append((JSET, eperm - len(prog) - 1, allow - len(prog) - 1, CLONE_NEW_ANY))
+    prog += [(RET, 0, 0, EPERM), (RET, 0, 0, ALLOW), (RET, 0, 0, ENOSYS)]
+    assert len(prog) == enosys + 1
+    return prog
+
+
+def _forbid_namespaces_and_mounts():
+    """Install the seccomp filter (needs no_new_privs, which _drop_capabilities set). It
+    outlives exec and every child inherits it. On architectures not in SECCOMP_SYSCALLS,
+    nothing is installed (--selftest says so)."""
+    if SECCOMP_SYSCALLS is None:
+        return
+    prog = _seccomp_program()
+    raw = b"".join(struct.pack("HBBI", *ins) for ins in prog)
+    buf = ctypes.create_string_buffer(raw, len(raw))
+
+    class Fprog(ctypes.Structure):
+        _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
+    _check(_libc.prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.byref(Fprog(len(prog), ctypes.addressof(buf))),
+                       0, 0), "seccomp")
 
 
 def _join_fresh_session_keyring():
@@ -591,6 +651,7 @@ def _worker(sb, to_w_r, from_w_w):
     except OSError:
         pass
     _become_nobody(sb, to_w_r, from_w_w)
+    _forbid_namespaces_and_mounts()
     _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)   # a uid change clears it
     _restore_signals()
     os.chdir(sb.scratch)
@@ -703,6 +764,15 @@ class _Capture:
         return (bytes(self.head).decode(errors="replace") + mid + bytes(self.tail).decode(errors="replace"))
 
 
+def _clean_line(text, limit=300):
+    """Untrusted text as one line the caller can print and tokenize: valid UTF-8 (a lone
+    surrogate, as in `raise ValueError('\\udcff')`, made the caller's tokenizer raise), the
+    first line only, no control characters, at most `limit` characters."""
+    text = text.encode("utf-8", "replace").decode("utf-8")
+    line = next(iter(text.splitlines()), "")
+    return "".join(c if c.isprintable() else "?" for c in line)[:limit]
+
+
 class _Report:
     """W's own account (cell index, last exception): untrusted, so parsed strictly."""
 
@@ -726,7 +796,7 @@ class _Report:
             if key == "cell" and type(value) is int and self.cell < value < self.n:
                 self.cell, started = value, True
             elif key in ("error", "setup") and type(value) is str and getattr(self, key) is None:
-                setattr(self, key, value[:300])
+                setattr(self, key, _clean_line(value))
             else:
                 self.tampered = True
         return started
@@ -1185,7 +1255,9 @@ def run_batch(batch, workers=None, **limits):
 
 
 SELFTEST_PROBE = r"""
-import json, os, resource, socket
+import ctypes, json, os, resource, socket
+libc = ctypes.CDLL(None, use_errno=True)
+new_uts = libc.unshare(0x04000000) == 0
 status = dict(line.split(":", 1) for line in open("/proc/self/status").read().splitlines())
 writable = 0
 for root, _, files in os.walk("/proc/sys"):
@@ -1200,7 +1272,8 @@ print(json.dumps({"uid": os.getuid(), "gid": os.getgid(), "cap_eff": status["Cap
                   "ns": {n: os.readlink("/proc/self/ns/" + n) for n in NAMESPACES},
                   "hostname": socket.gethostname(), "proc_sys_writable": writable, "cwd": os.getcwd(),
                   "mounts": [line.split()[:6] for line in open("/proc/self/mountinfo")],
-                  "dev": sorted(os.listdir("/dev")), "nproc": resource.getrlimit(resource.RLIMIT_NPROC)[0]}))
+                  "dev": sorted(os.listdir("/dev")), "nproc": resource.getrlimit(resource.RLIMIT_NPROC)[0],
+                  "seccomp": status["Seccomp"].strip(), "new_namespace": new_uts}))
 """
 NAMESPACES = ("pid", "mnt", "net", "ipc", "uts", "user", "cgroup")
 
@@ -1244,6 +1317,8 @@ def selftest():
             ("unprivileged uid/gid", facts["uid"] != 0 and facts["gid"] != 0, f"uid {facts['uid']} gid {facts['gid']}"),
             ("no capabilities (effective and bounding)", int(facts["cap_eff"], 16) == 0 == int(facts["cap_bnd"], 16), ""),
             ("no_new_privs", facts["nnp"] == "1", ""),
+            ("no new namespaces or mounts (seccomp filter)", facts["seccomp"] == "2" and not facts["new_namespace"],
+             "" if SECCOMP_SYSCALLS else f"no filter for {platform.machine()}"),
             ("every mount read-only, nodev, nosuid", not bad, "still open: " + ", ".join(bad) if bad else ""),
             ("/proc/sys read-only", facts["proc_sys_writable"] == 0, f"{facts['proc_sys_writable']} files writable"),
             ("minimal /dev", set(facts["dev"]) <= set(HARMLESS_DEVICES) | {"fd", "stdin", "stdout", "stderr", "shm"},

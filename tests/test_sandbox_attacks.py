@@ -333,6 +333,70 @@ def test_memory_is_bounded_for_the_whole_sandbox(mode):
     still_works()
 
 
+# --- namespaces, mounts (seccomp) and the error line -------------------------------------------
+NEW_FLAGS = {"user": 0x10000000, "mnt": 0x20000, "uts": 0x04000000, "ipc": 0x08000000, "net": 0x40000000,
+             "pid": 0x20000000, "cgroup": 0x02000000, "user+mnt": 0x10020000}
+
+
+def needs_filter():
+    if getattr(sandbox, "SECCOMP_SYSCALLS", True) is None:
+        pytest.skip("no seccomp filter for this architecture (--selftest says so)")
+
+
+def test_cells_cannot_create_namespaces_or_mount(mode):
+    """Every way to a new namespace or a mount, each refused. A nested namespace is charged to
+    root's host-wide quota: held by the thousand (pinned by bind mounts), it made every other
+    sandbox, and root, fail to create one."""
+    needs_filter()
+    x86 = sandbox.platform.machine() == "x86_64"
+    code = (f"import ctypes, os\nl = ctypes.CDLL(None, use_errno=True)\nmade = []\n"
+            f"for name, flag in {NEW_FLAGS!r}.items():\n"
+            f"    if l.unshare(flag) == 0:\n        made.append('unshare ' + name)\n"
+            f"    pid = l.syscall({56 if x86 else 220}, flag | 17, 0, 0, 0, 0)   # clone(flag | SIGCHLD)\n"
+            f"    if pid == 0:\n        os._exit(0)\n"
+            f"    if pid > 0:\n        made.append('clone ' + name); os.waitpid(pid, 0)\n"
+            f"fd = os.open('/proc/self/ns/uts', os.O_RDONLY)\n"
+            f"if l.setns(fd, 0) == 0:\n    made.append('setns')\n"
+            f"os.mkdir('m')\n"
+            f"if l.mount(b'none', b'm', b'tmpfs', 0, None) == 0:\n    made.append('mount tmpfs')\n"
+            f"if l.mount(b'/proc/self/ns/uts', b'm', None, 4096, None) == 0:\n    made.append('bind mount')\n"
+            f"if {x86} and l.syscall(0x40000000 | 272, 0x04000000) == 0:   # unshare, by its x32 number\n"
+            f"    made.append('x32 unshare')\n"
+            f"print(made)")
+    res, _ = timed([code], timeout=5)
+    assert res.ok and res.output == "[]\n", res
+    still_works()
+
+
+def test_threads_forks_and_subprocesses_still_run_under_the_filter(mode):
+    """clone3 is refused with ENOSYS; the C library must fall back to clone for threads,
+    fork and posix_spawn, so numpy, sympy and subprocess keep working."""
+    res, _ = timed(["import threading, subprocess, os, numpy as np\nout = []\n"
+                    "t = threading.Thread(target=lambda: out.append('thread'))\nt.start(); t.join()\n"
+                    "out.append(subprocess.run(['echo', 'spawn'], capture_output=True, text=True).stdout.strip())\n"
+                    "pid = os.fork()\nif pid == 0:\n    os._exit(7)\nout.append(os.waitpid(pid, 0)[1] >> 8)\n"
+                    "out.append(float(np.linalg.solve(np.eye(2) * 2, np.ones(2)).sum()))\nprint(out)"], timeout=5)
+    assert res.ok and res.output == "['thread', 'spawn', 7, 1.0]\n", res
+
+
+@pytest.mark.parametrize("cell", [
+    "raise ValueError('bad \\udcff name\\nsecond line\\x1b[31m\\x00')",
+    "import os\nfor fd in range(3, 20):\n    try:\n"
+    "        os.write(fd, b'{\"error\": \"line one\\\\nline two\\\\u0007\\\\ud800\\\\x\"}\\n')\n"
+    "    except OSError:\n        pass\n"
+    "    try:\n        os.write(fd, b'{\"error\": \"one\\\\ud800\\\\nline two\"}\\n')\n    except OSError:\n        pass",
+])
+def test_the_error_is_one_printable_line_of_valid_utf8(mode, cell):
+    """The caller puts `error` into the text it tokenizes: a lone surrogate there (a plain
+    exception message can hold one) made the tokenizer raise in the middle of a batch."""
+    res, _ = timed([cell])
+    assert res.ok is False and res.error, res
+    res.error.encode("utf-8")                          # raises on a lone surrogate
+    assert res.error.isprintable() and len(res.error) <= 300, res
+    res.output.encode("utf-8")
+    still_works()
+
+
 # --- namespaced only -----------------------------------------------------------------------
 def test_kernel_settings_are_not_writable(mode):
     only_ns(mode)
