@@ -27,9 +27,10 @@ and numpy + sympy imported. Z never reads a request: it only forks, ahead of tim
      (read-only), a minimal /dev (null zero full random urandom, a private shm), an empty /run
      and a private tmpfs on an empty scratch directory, and forks
   W  the worker: a new user namespace in which it is uid/gid 65534 with no capabilities at all
-     (empty bounding set), no_new_privs, a seccomp filter that refuses new namespaces and
-     mounts, a fresh session keyring, its own session, resource limits, cwd = HOME = TMPDIR =
-     the scratch tmpfs, stdin empty; it runs the cells.
+     (empty bounding set), no_new_privs, a fresh session keyring, a seccomp filter (no new
+     namespaces, mounts, inotify or fanotify, file locks or key calls: SECCOMP_SYSCALLS says
+     why), its own session, resource limits, cwd = HOME = TMPDIR = the scratch tmpfs, stdin
+     empty; it runs the cells.
 
 What decides a result. The verdict travels on pipes the cell never holds: R (root outside,
 PID 1, which W's uid cannot signal) reports how W ended (waitpid), G reads that and keeps its
@@ -55,6 +56,8 @@ Limits (flags of run_cells / run_batch; defaults in brackets):
   max_procs     processes and threads of the whole sandbox: a pids cgroup where available, and
                 RLIMIT_NPROC, which counts only this sandbox in its own user namespace [64]
   tmpfs_mb      size of the private scratch tmpfs [64]
+  queued signals SIGPENDING_MAX [64]; no POSIX message queues, no locked memory (all three are
+                also charged to root host-wide; see SECCOMP_SYSCALLS)
   Python's int-to-str digit limit is lifted, so huge integers print.
 
 Cgroups: v2 where the zygote's cgroup delegates memory and pids, else v1 memory and pids
@@ -70,17 +73,21 @@ run as root with every capability dropped, the same rights as a non-root user ru
 code, which is what the fallback is for. The fallback still does: a scrubbed environment, a
 fresh session keyring, no capabilities, no_new_privs, the seccomp filter, resource limits, a
 supervisor that is a child subreaper and kills every descendant of the request (setsid or
-setpgid children too) plus everything in its cgroup (cgroups only as root), a scratch directory removed afterwards, the
-sandbox's own processes non-dumpable (their /proc/<pid>/mem, environ and fd are closed to the
-cell), the same untrusted-report rules and the caller's deadline. FALLBACK_GAPS lists what it
+setpgid children too) plus everything in its cgroup (cgroups only as root), a scratch
+directory removed afterwards, the sandbox's own processes non-dumpable (their /proc/<pid>/mem,
+environ and fd are closed to the cell), the same untrusted-report rules and the caller's
+deadline. FALLBACK_GAPS lists what it
 does NOT protect; `--selftest` prints it.
 
 Never protected against, in either mode: reading world-readable files (keep secrets off the
 machine that runs rollouts, or at least not world-readable), a unix socket that any user may
-write to, CPU contention with the host, kernel exploits. (Nested namespaces and mounts are
-refused by a seccomp filter on x86_64 and aarch64, in both modes; elsewhere --selftest says
-the filter is off.)
-It is a guard for model-written math code, not a proof against a determined attacker.
+write to, CPU contention with the host, kernel exploits, and, between sandboxes that run at
+once (all are host uid 65534), the per-user quotas the filter does not close: pipe buffer
+pages (a cell can make other sandboxes' new pipes small: slower, not failing) and file
+descriptors in flight over unix sockets (a cell can make others' fd passing fail while it
+runs). The seccomp filter exists on x86_64 and aarch64, in both modes; elsewhere --selftest
+says it is off. It is a guard for model-written math code, not a proof against a determined
+attacker.
 """
 import argparse
 import ast
@@ -113,6 +120,7 @@ from dataclasses import dataclass
 DEFAULTS = dict(timeout=5.0, memory_mb=1024, max_output=20000, file_mb=16, max_files=64,
                 max_procs=64, tmpfs_mb=64)
 MAX_TIMEOUT = 600.0          # seconds per cell: past this a "timeout" is a bug, not a limit
+SIGPENDING_MAX = 64         # queued signals a sandbox may have pending at once
 SETUP_SLACK = 0.5            # G's allowance for W to receive its request and start cell 1
 CLIENT_GRACE = 2.0           # the caller's deadline: cells x timeout + this
 SANDBOX_ID = 65534           # uid and gid of the cell ("nobody")
@@ -206,21 +214,33 @@ def _drop_capabilities():
     _check(_libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "no_new_privs")
 
 
-# seccomp: the system calls a cell may not make, by architecture. Namespaces (unshare, setns,
-# clone with a CLONE_NEW* flag) and mounts. A nested namespace is charged to the quota of the
-# uid that created the sandbox's user namespace, root, host-wide: a cell that kept ~96k of
-# them alive (each pinned by a bind mount, so no fd or process limit bounds them) made every
-# other sandbox, and root itself, fail to create one. clone3 passes its flags in memory a
-# filter cannot read, so it is refused with ENOSYS and the C library falls back to clone.
+# seccomp: the system calls a cell may not make, by architecture. Whatever a cell creates in
+# its user namespace is also charged to the uid that created that namespace, root, host-wide;
+# two attacks on this sandbox used that (README, Sandbox):
+#  - namespaces (unshare, setns, clone with a CLONE_NEW* flag) and mounts: a cell kept ~96k
+#    UTS namespaces alive, each pinned by a bind mount (no fd or process limit bounds that),
+#    and every other sandbox, and root, failed to create one;
+#  - inotify and fanotify: 128 instances, or 192k watches on files of its scratch tmpfs, and
+#    root's (and every sandbox's) inotify failed.
+# Also refused: flock and fcntl's record locks (a read-only mount does not stop a lock, and a
+# cell held locks on host files others wait for: torch's compile cache, SQLite databases),
+# and the key calls (every sandbox is host uid 65534, so one cell filled the key quota of all
+# of them; the fresh session keyring is joined before the filter). clone3 passes its flags in
+# memory a filter cannot read: it gets ENOSYS and the C library falls back to clone.
 SECCOMP_SYSCALLS = {
     "x86_64": (0xC000003E, dict(unshare=272, setns=308, mount=165, umount2=166, pivot_root=155, open_tree=428,
                                 move_mount=429, fsopen=430, fsconfig=431, fsmount=432, fspick=433,
-                                mount_setattr=442), 56, 435),
+                                mount_setattr=442, open_tree_attr=467, inotify_init=253, inotify_init1=294,
+                                inotify_add_watch=254, fanotify_init=300, fanotify_mark=301, flock=73,
+                                add_key=248, request_key=249, keyctl=250), 56, 435, 72),
     "aarch64": (0xC00000B7, dict(unshare=97, setns=268, mount=40, umount2=39, pivot_root=41, open_tree=428,
                                  move_mount=429, fsopen=430, fsconfig=431, fsmount=432, fspick=433,
-                                 mount_setattr=442), 220, 435),
-}.get(platform.machine())          # (audit arch, refused calls, clone, clone3); None: no filter
+                                 mount_setattr=442, open_tree_attr=467, inotify_init1=26, inotify_add_watch=27,
+                                 fanotify_init=262, fanotify_mark=263, flock=32, add_key=217, request_key=218,
+                                 keyctl=219), 220, 435, 25),
+}.get(platform.machine())          # (audit arch, refused calls, clone, clone3, fcntl); None: no filter
 CLONE_NEW_ANY = CLONE_NEWNS | CLONE_NEWCGROUP | CLONE_NEWUTS | CLONE_NEWIPC | CLONE_NEWUSER | CLONE_NEWPID | CLONE_NEWNET
+FCNTL_LOCKS = (6, 7, 37, 38)          # F_SETLK F_SETLKW F_OFD_SETLK F_OFD_SETLKW
 PR_SET_SECCOMP, SECCOMP_MODE_FILTER = 22, 2
 
 
@@ -228,28 +248,34 @@ def _seccomp_program():
     """The filter, as classic BPF instructions (code, jump if true, jump if false, k); jumps
     count the instructions skipped. Calls of another ABI (i386 from a 64-bit process, x32
     numbers) get ENOSYS, whatever they are."""
-    arch, refused, clone, clone3 = SECCOMP_SYSCALLS
+    arch, refused, clone, clone3, fcntl = SECCOMP_SYSCALLS
     LD, JEQ, JGE, JSET, RET = 0x20, 0x15, 0x35, 0x45, 0x06
     ALLOW, EPERM, ENOSYS = 0x7FFF0000, 0x00050000 | errno.EPERM, 0x00050000 | errno.ENOSYS
-    eperm = 6 + len(refused) + 4                       # where the three returns at the end sit
+    eperm = 6 + len(refused) + 7 + len(FCNTL_LOCKS)    # where the three returns at the end sit
     allow, enosys = eperm + 1, eperm + 2
+    jump = lambda prog, target: target - len(prog) - 1           # from the instruction appended next
     prog = [(LD, 0, 0, 4), (JEQ, 1, 0, arch), (RET, 0, 0, ENOSYS),         # seccomp_data.arch
             (LD, 0, 0, 0), (JGE, 0, 1, 0x40000000), (RET, 0, 0, ENOSYS)]   # .nr (x32 bit: refused)
     for nr in refused.values():
-        prog.append((JEQ, eperm - len(prog) - 1, 0, nr))
-    prog.append((JEQ, enosys - len(prog) - 1, 0, clone3))
-    prog.append((JEQ, 0, allow - len(prog) - 1, clone))
-    prog.append((LD, 0, 0, 16))                                           # clone's flags, low 32 bits
-    prog.append((JSET, eperm - len(prog) - 1, allow - len(prog) - 1, CLONE_NEW_ANY))
+        prog.append((JEQ, jump(prog, eperm), 0, nr))
+    prog.append((JEQ, jump(prog, enosys), 0, clone3))
+    prog.append((JEQ, jump(prog, eperm - 2), 0, clone))                    # to the clone check below
+    prog.append((JEQ, 0, jump(prog, allow), fcntl))
+    prog.append((LD, 0, 0, 24))                                           # fcntl's command
+    for cmd in FCNTL_LOCKS:
+        prog.append((JEQ, jump(prog, eperm), 0, cmd))
+    prog.append((RET, 0, 0, ALLOW))
+    prog.append((LD, 0, 0, 16))                                           # clone's flags (low 32 bits)
+    prog.append((JSET, jump(prog, eperm), jump(prog, allow), CLONE_NEW_ANY))
     prog += [(RET, 0, 0, EPERM), (RET, 0, 0, ALLOW), (RET, 0, 0, ENOSYS)]
     assert len(prog) == enosys + 1
     return prog
 
 
-def _forbid_namespaces_and_mounts():
-    """Install the seccomp filter (needs no_new_privs, which _drop_capabilities set). It
-    outlives exec and every child inherits it. On architectures not in SECCOMP_SYSCALLS,
-    nothing is installed (--selftest says so)."""
+def _install_seccomp_filter():
+    """Install the filter (needs no_new_privs, which _drop_capabilities set). It outlives exec
+    and every child inherits it. On architectures not in SECCOMP_SYSCALLS nothing is installed
+    (--selftest says so)."""
     if SECCOMP_SYSCALLS is None:
         return
     prog = _seccomp_program()
@@ -651,7 +677,7 @@ def _worker(sb, to_w_r, from_w_w):
     except OSError:
         pass
     _become_nobody(sb, to_w_r, from_w_w)
-    _forbid_namespaces_and_mounts()
+    _install_seccomp_filter()
     _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)   # a uid change clears it
     _restore_signals()
     os.chdir(sb.scratch)
@@ -673,6 +699,12 @@ def _worker(sb, to_w_r, from_w_w):
     _limit(resource.RLIMIT_CORE, 0)
     _limit(resource.RLIMIT_CPU, int(req["timeout"] * len(req["cells"])) + 2)
     _limit(resource.RLIMIT_NPROC, req["max_procs"])
+    # charged to root host-wide as well (see SECCOMP_SYSCALLS); the kernel checks each level
+    # against its own limit, so these cap what one sandbox can add: a cell queued signals to
+    # itself past root's 96k limit of pending signals and root's timer_create failed
+    _limit(resource.RLIMIT_SIGPENDING, SIGPENDING_MAX)
+    _limit(resource.RLIMIT_MSGQUEUE, 0)
+    _limit(resource.RLIMIT_MEMLOCK, 0)
     _run_cells(req["cells"], sb.out_w, sb.report_w)
 
 
@@ -1317,7 +1349,7 @@ def selftest():
             ("unprivileged uid/gid", facts["uid"] != 0 and facts["gid"] != 0, f"uid {facts['uid']} gid {facts['gid']}"),
             ("no capabilities (effective and bounding)", int(facts["cap_eff"], 16) == 0 == int(facts["cap_bnd"], 16), ""),
             ("no_new_privs", facts["nnp"] == "1", ""),
-            ("no new namespaces or mounts (seccomp filter)", facts["seccomp"] == "2" and not facts["new_namespace"],
+            ("no new namespaces, mounts, inotify, file locks, keys (seccomp)", facts["seccomp"] == "2" and not facts["new_namespace"],
              "" if SECCOMP_SYSCALLS else f"no filter for {platform.machine()}"),
             ("every mount read-only, nodev, nosuid", not bad, "still open: " + ", ".join(bad) if bad else ""),
             ("/proc/sys read-only", facts["proc_sys_writable"] == 0, f"{facts['proc_sys_writable']} files writable"),

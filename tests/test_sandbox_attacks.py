@@ -368,6 +368,38 @@ def test_cells_cannot_create_namespaces_or_mount(mode):
     still_works()
 
 
+def test_cells_cannot_watch_files_lock_them_or_use_keys(mode):
+    """inotify and fanotify are charged to root host-wide too (a cell took all of root's 128
+    instances, or its 192k watches); a read-only mount does not stop a lock on a host file
+    others wait for; and every sandbox shares one host uid, so one cell's keys filled the key
+    quota of all of them."""
+    needs_filter()
+    nr = sandbox.SECCOMP_SYSCALLS[1]
+    code = (f"import ctypes, os, fcntl\nl = ctypes.CDLL(None, use_errno=True)\nmade = []\n"
+            f"if l.inotify_init1(0) >= 0:\n    made.append('inotify')\n"
+            f"if l.fanotify_init(0, 0) >= 0:\n    made.append('fanotify')\n"
+            f"if l.syscall({nr['add_key']}, b'user', b'k', b'v', 1, -3) >= 0:\n    made.append('add_key')\n"
+            f"if l.syscall({nr['keyctl']}, 0, -3, 0, 0, 0) >= 0:\n    made.append('keyctl')\n"
+            f"fd = os.open('/etc/passwd', os.O_RDONLY)\n"
+            f"for name, lock in [('flock', lambda: fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)),\n"
+            f"                   ('lockf', lambda: fcntl.lockf(fd, fcntl.LOCK_SH | fcntl.LOCK_NB))]:\n"
+            f"    try:\n        lock()\n        made.append(name)\n    except OSError:\n        pass\n"
+            f"print(made, fcntl.fcntl(fd, fcntl.F_GETFD) >= 0)")
+    res, _ = timed([code], timeout=5)
+    assert res.ok and res.output == "[] True\n", res
+    still_works()
+
+
+def test_pending_signals_are_capped(mode):
+    """Queued signals count towards root's host-wide limit as well: a cell that queued 96k to
+    itself made root's timer_create fail. RLIMIT_SIGPENDING caps a sandbox's share."""
+    res, _ = timed(["import os, signal\nsignal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGRTMIN])\n"
+                    "for _ in range(1000):\n    os.kill(os.getpid(), signal.SIGRTMIN)\n"
+                    "print([l.split()[1] for l in open('/proc/self/status') if l.startswith('SigQ')][0])"], timeout=5)
+    queued, limit = map(int, res.output.split("/"))
+    assert queued <= limit <= getattr(sandbox, "SIGPENDING_MAX", 64), res
+
+
 def test_threads_forks_and_subprocesses_still_run_under_the_filter(mode):
     """clone3 is refused with ENOSYS; the C library must fall back to clone for threads,
     fork and posix_spawn, so numpy, sympy and subprocess keep working."""
@@ -377,6 +409,8 @@ def test_threads_forks_and_subprocesses_still_run_under_the_filter(mode):
                     "pid = os.fork()\nif pid == 0:\n    os._exit(7)\nout.append(os.waitpid(pid, 0)[1] >> 8)\n"
                     "out.append(float(np.linalg.solve(np.eye(2) * 2, np.ones(2)).sum()))\nprint(out)"], timeout=5)
     assert res.ok and res.output == "['thread', 'spawn', 7, 1.0]\n", res
+    res, _ = timed(["import sqlite3\nprint(sqlite3.connect(':memory:').execute('select 1 + 1').fetchone())"])
+    assert res.ok and res.output == "(2,)\n", res                 # no file, no lock: still runs
 
 
 @pytest.mark.parametrize("cell", [
