@@ -26,11 +26,12 @@ and numpy + sympy imported. Z never reads a request: it only forks, ahead of tim
      sandbox), remounts every filesystem read-only, nodev and nosuid, mounts a fresh /proc
      (read-only), a minimal /dev (null zero full random urandom, a private shm), an empty /run
      and a private tmpfs on an empty scratch directory, and forks
-  W  the worker: a new user namespace in which it is uid/gid 65534 with no capabilities at all
-     (empty bounding set), no_new_privs, a fresh session keyring, a seccomp filter (no new
-     namespaces, mounts, inotify or fanotify, file locks or key calls: SECCOMP_SYSCALLS says
-     why), its own session, resource limits, cwd = HOME = TMPDIR = the scratch tmpfs, stdin
-     empty; it runs the cells.
+  W  the worker: a new user namespace, created as host uid 65534 (so what the cell holds counts
+     against nobody's host-wide quotas, not root's), in which it is uid/gid 65534 with no
+     capabilities at all (empty bounding set), no_new_privs, a fresh session keyring, a seccomp
+     filter (no new namespaces, mounts, inotify or fanotify, file locks or key calls:
+     SECCOMP_SYSCALLS says why), its own session, resource limits, cwd = HOME = TMPDIR = the
+     scratch tmpfs, stdin empty; it runs the cells.
 
 What decides a result. The verdict travels on pipes the cell never holds: R (root outside,
 PID 1, which W's uid cannot signal) reports how W ended (waitpid), G reads that and keeps its
@@ -56,8 +57,8 @@ Limits (flags of run_cells / run_batch; defaults in brackets):
   max_procs     processes and threads of the whole sandbox: a pids cgroup where available, and
                 RLIMIT_NPROC, which counts only this sandbox in its own user namespace [64]
   tmpfs_mb      size of the private scratch tmpfs [64]
-  queued signals SIGPENDING_MAX [64]; no POSIX message queues, no locked memory (all three are
-                also charged to root host-wide; see SECCOMP_SYSCALLS)
+  real-time signals queued at once SIGPENDING_MAX [64] (a standard signal pends once per
+                process and thread besides); no POSIX message queues, no locked memory
   Python's int-to-str digit limit is lifted, so huge integers print.
 
 Cgroups: v2 where the zygote's cgroup delegates memory and pids, else v1 memory and pids
@@ -215,8 +216,9 @@ def _drop_capabilities():
 
 
 # seccomp: the system calls a cell may not make, by architecture. Whatever a cell creates in
-# its user namespace is also charged to the uid that created that namespace, root, host-wide;
-# two attacks on this sandbox used that (README, Sandbox):
+# its user namespace is also charged, host-wide, to the uid that created that namespace: root
+# until the namespace was made by host uid 65534 (_become_nobody), which every sandbox shares.
+# Attacks on this sandbox used both (README, Sandbox):
 #  - namespaces (unshare, setns, clone with a CLONE_NEW* flag) and mounts: a cell kept ~96k
 #    UTS namespaces alive, each pinned by a bind mount (no fd or process limit bounds that),
 #    and every other sandbox, and root, failed to create one;
@@ -652,7 +654,16 @@ def _become_nobody(sb, to_w_r, from_w_w):
     """Namespaced: a user namespace of its own mapping only SANDBOX_ID, then that uid and gid,
     no capabilities. Fallback: no capabilities (as root, that is a plain user's rights)."""
     if sb.isolated:
-        _check(_libc.unshare(CLONE_NEWUSER), "unshare(user)")
+        # Created as host uid SANDBOX_ID, not root: whatever the cell then makes in it (pending
+        # signals, which the standard signals add to past RLIMIT_SIGPENDING) is also charged to
+        # the namespace's creator, host-wide. As root, one cell held 1,696 of root's 96,364
+        # pending signals; 57 at once would have made root's timers fail. Where unprivileged
+        # user namespaces are off, as root after all (the filter and rlimits still bound it).
+        os.seteuid(SANDBOX_ID)
+        made = _libc.unshare(CLONE_NEWUSER) == 0
+        if not made:
+            os.seteuid(0)
+            _check(_libc.unshare(CLONE_NEWUSER), "unshare(user)")
         os.write(from_w_w, b"u")                      # R writes our uid_map and gid_map
     if os.read(to_w_r, 1) != b"g":
         os._exit(0)                                   # the sandbox was discarded
@@ -699,9 +710,9 @@ def _worker(sb, to_w_r, from_w_w):
     _limit(resource.RLIMIT_CORE, 0)
     _limit(resource.RLIMIT_CPU, int(req["timeout"] * len(req["cells"])) + 2)
     _limit(resource.RLIMIT_NPROC, req["max_procs"])
-    # charged to root host-wide as well (see SECCOMP_SYSCALLS); the kernel checks each level
-    # against its own limit, so these cap what one sandbox can add: a cell queued signals to
-    # itself past root's 96k limit of pending signals and root's timer_create failed
+    # charged host-wide to the namespace's creator as well (see SECCOMP_SYSCALLS): these cap
+    # what one sandbox adds (a cell once queued real-time signals to itself past root's 96k
+    # limit of pending signals and root's timer_create failed)
     _limit(resource.RLIMIT_SIGPENDING, SIGPENDING_MAX)
     _limit(resource.RLIMIT_MSGQUEUE, 0)
     _limit(resource.RLIMIT_MEMLOCK, 0)

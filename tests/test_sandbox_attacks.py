@@ -432,6 +432,34 @@ def test_the_error_is_one_printable_line_of_valid_utf8(mode, cell):
 
 
 # --- namespaced only -----------------------------------------------------------------------
+def test_what_a_cell_holds_is_not_charged_to_root(mode):
+    """The sandbox's user namespace is created by host uid 65534, so what a cell makes inside
+    it counts against nobody's host-wide quotas, not root's. Standard signals skip
+    RLIMIT_SIGPENDING: 20 processes holding each one pending added 460 to root's count, the
+    count at which root's timer_create fails once it reaches 96k."""
+    only_ns(mode)
+
+    def root_pending():
+        with open("/proc/self/status") as f:
+            return int(next(l for l in f if l.startswith("SigQ")).split()[1].split("/")[0])
+    cell = ("import os, signal, time\nsigs = [s for s in range(1, 32) if s not in (9, 17, 18, 19, 20, 21, 22, 23)]\n"
+            "signal.pthread_sigmask(signal.SIG_BLOCK, sigs)\nkids = []\nfor _ in range(20):\n    pid = os.fork()\n"
+            "    if pid == 0:\n        for s in sigs:\n            os.kill(os.getpid(), s)\n"
+            "        time.sleep(1.5)\n        os._exit(0)\n    kids.append(pid)\n"
+            "time.sleep(0.5)\nprint([l.split()[1] for l in open('/proc/self/status') if l.startswith('SigQ')][0])\n"
+            "for k in kids:\n    os.waitpid(k, 0)")
+    sandbox.run_cells(["pass"])
+    base, seen, out = root_pending(), [], []
+    t = threading.Thread(target=lambda: out.append(sandbox.run_cells([cell], timeout=5)))
+    t.start()
+    while t.is_alive():
+        seen.append(root_pending())
+        time.sleep(0.02)
+    held = int(out[0].output.split("/")[0])
+    assert held >= 20 * 20, out                       # the cell did hold them (in its own count)
+    assert max(seen) - base < 10, f"root's pending signals rose from {base} to {max(seen)}"
+
+
 def test_kernel_settings_are_not_writable(mode):
     only_ns(mode)
     res, _ = timed(["import os\nn = 0\nfor root, _, files in os.walk('/proc/sys'):\n    for f in files:\n"
