@@ -1276,7 +1276,7 @@ def run_cells(cells, timeout=DEFAULTS["timeout"], memory_mb=DEFAULTS["memory_mb"
     cells, timeout = _validate(cells, timeout, limits)
     if not cells:
         return Result("", True, None)
-    note = ""
+    note, done = "", 0                                # done: blocks before cells[0]
     while True:
         z = _acquire()
         try:
@@ -1286,8 +1286,8 @@ def run_cells(cells, timeout=DEFAULTS["timeout"], memory_mb=DEFAULTS["memory_mb"
         i = res.get("timed_out_cell")
         if i is None or i >= len(cells) - 1:
             return Result(note + res["output"], res["ok"], res["error"])
-        note = f"(block {i + 1} timed out after {timeout:g} s; state was reset)\n"
-        cells = cells[i + 1:]                         # fresh interpreter from the next block
+        note = f"(block {done + i + 1} timed out after {timeout:g} s; state was reset)\n"
+        cells, done = cells[i + 1:], done + i + 1     # fresh interpreter from the next block
 
 
 def run_batch(batch, workers=None, **limits):

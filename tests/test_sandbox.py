@@ -115,6 +115,8 @@ CASES = [
     ("last expression shown", ["a = 2", "a ** 10"], True, None, "1024", 1),
     ("earlier error keeps state", ["z = 1\n1/0", "print(z)"], True, None, "1", 1),
     ("timeout resets state", ["a = 1", "while True: pass", "print(a)"], False, "NameError", "timed out", T + 1.5),
+    ("the note counts every block", ["a = 1", "while True: pass", "b = 2", "while True: pass", "print(b)"], False,
+     "NameError", "(block 4 timed out", 2 * T + 2.5),
 ]
 
 
