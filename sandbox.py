@@ -86,8 +86,9 @@ write to, CPU contention with the host, kernel exploits, and, between sandboxes 
 once (all are host uid 65534), the per-user quotas the filter does not close: pipe buffer
 pages (a cell can make other sandboxes' new pipes small: slower, not failing) and file
 descriptors in flight over unix sockets (a cell can make others' fd passing fail while it
-runs). The seccomp filter exists on x86_64 and aarch64, in both modes; elsewhere --selftest
-says it is off. It is a guard for model-written math code, not a proof against a determined
+runs). Other processes of host uid 65534 ("nobody") may signal cells, and, since the cells'
+user namespace is that uid's, trace them: run nothing else as that uid. The seccomp filter
+exists on x86_64 and aarch64, in both modes; elsewhere --selftest says it is off. It is a guard for model-written math code, not a proof against a determined
 attacker.
 """
 import argparse
