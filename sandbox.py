@@ -84,9 +84,12 @@ Never protected against, in either mode: reading world-readable files (keep secr
 machine that runs rollouts, or at least not world-readable), a unix socket that any user may
 write to, CPU contention with the host, kernel exploits, and, between sandboxes that run at
 once (all are host uid 65534), the per-user quotas the filter does not close: pipe buffer
-pages (a cell can make other sandboxes' new pipes small: slower, not failing) and file
-descriptors in flight over unix sockets (a cell can make others' fd passing fail while it
-runs). Other processes of host uid 65534 ("nobody") may signal cells, and, since the cells'
+pages (a cell can make other sandboxes' new pipes small: slower, not failing), file
+descriptors in flight over unix sockets, epoll watches (sockets kept by mmap past the fd
+limit, ~15 s of CPU and over 1 GB), and standard signals left pending (~1.7k per sandbox at
+the defaults, against 96k): while a cell holds them, other cells' fd passing, epoll, timers
+or queued signals can fail. Sandbox setup needs none of them. A host uid per concurrent
+sandbox would close these; not done. Other processes of host uid 65534 ("nobody") may signal cells, and, since the cells'
 user namespace is that uid's, trace them: run nothing else as that uid. The seccomp filter
 exists on x86_64 and aarch64, in both modes; elsewhere --selftest says it is off. It is a guard for model-written math code, not a proof against a determined
 attacker.
