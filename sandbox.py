@@ -26,8 +26,9 @@ and numpy + sympy imported. Z never reads a request: it only forks, ahead of tim
      sandbox), remounts every filesystem read-only, nodev and nosuid, mounts a fresh /proc
      (read-only), a minimal /dev (null zero full random urandom, a private shm), an empty /run
      and a private tmpfs on an empty scratch directory, and forks
-  W  the worker: a new user namespace, created as host uid 65534 (so what the cell holds counts
-     against nobody's host-wide quotas, not root's), in which it is uid/gid 65534 with no
+  W  the worker: a new user namespace, created as a host uid of its own (HOST_UID_BASE + the
+     zygote's pid: what the cell holds counts against that uid's host-wide quotas, not root's
+     nor another rollout's), in which it is uid/gid 65534 with no
      capabilities at all (empty bounding set), no_new_privs, a fresh session keyring, a seccomp
      filter (no new namespaces, mounts, inotify or fanotify, file locks or key calls:
      SECCOMP_SYSCALLS says why), its own session, resource limits, cwd = HOME = TMPDIR = the
@@ -82,17 +83,11 @@ does NOT protect; `--selftest` prints it.
 
 Never protected against, in either mode: reading world-readable files (keep secrets off the
 machine that runs rollouts, or at least not world-readable), a unix socket that any user may
-write to, CPU contention with the host, kernel exploits, and, between sandboxes that run at
-once (all are host uid 65534), the per-user quotas the filter does not close: pipe buffer
-pages (a cell can make other sandboxes' new pipes small: slower, not failing), file
-descriptors in flight over unix sockets, epoll watches (sockets kept by mmap past the fd
-limit, ~15 s of CPU and over 1 GB), and standard signals left pending (~1.7k per sandbox at
-the defaults, against 96k): while a cell holds them, other cells' fd passing, epoll, timers
-or queued signals can fail. Sandbox setup needs none of them. A host uid per concurrent
-sandbox would close these; not done. Other processes of host uid 65534 ("nobody") may signal cells, and, since the cells'
-user namespace is that uid's, trace them: run nothing else as that uid. The seccomp filter
-exists on x86_64 and aarch64, in both modes; elsewhere --selftest says it is off. It is a guard for model-written math code, not a proof against a determined
-attacker.
+write to, CPU contention with the host, kernel exploits. A host process running as a
+sandbox's host uid (HOST_UID_BASE + a zygote's pid; nothing else should) could signal and
+trace its cells. The seccomp filter exists on x86_64 and aarch64, in both modes; elsewhere
+--selftest says it is off. It is a guard for model-written math code, not a proof against a
+determined attacker.
 """
 import argparse
 import ast
@@ -128,7 +123,8 @@ MAX_TIMEOUT = 600.0          # seconds per cell: past this a "timeout" is a bug,
 SIGPENDING_MAX = 64         # queued signals a sandbox may have pending at once
 SETUP_SLACK = 0.5            # G's allowance for W to receive its request and start cell 1
 CLIENT_GRACE = 2.0           # the caller's deadline: cells x timeout + this
-SANDBOX_ID = 65534           # uid and gid of the cell ("nobody")
+SANDBOX_ID = 65534           # uid and gid of the cell inside its user namespace ("nobody")
+HOST_UID_BASE = 1 << 30      # the cell's uid on the host: this + its zygote's pid (one per rollout at once)
 SAFE_ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": "/tmp",
             "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
             "PYTHONDONTWRITEBYTECODE": "1", "PYTHONHASHSEED": "0"}
@@ -220,9 +216,8 @@ def _drop_capabilities():
 
 
 # seccomp: the system calls a cell may not make, by architecture. Whatever a cell creates in
-# its user namespace is also charged, host-wide, to the uid that created that namespace: root
-# until the namespace was made by host uid 65534 (_become_nobody), which every sandbox shares.
-# Attacks on this sandbox used both (README, Sandbox):
+# its user namespace is also charged, host-wide, to the uid that created that namespace (root,
+# until _become_nobody made it the sandbox's own host uid). Attacks used that (README, Sandbox):
 #  - namespaces (unshare, setns, clone with a CLONE_NEW* flag) and mounts: a cell kept ~96k
 #    UTS namespaces alive, each pinned by a bind mount (no fd or process limit bounds that),
 #    and every other sandbox, and root, failed to create one;
@@ -230,8 +225,8 @@ def _drop_capabilities():
 #    root's (and every sandbox's) inotify failed.
 # Also refused: flock and fcntl's record locks (a read-only mount does not stop a lock, and a
 # cell held locks on host files others wait for: torch's compile cache, SQLite databases),
-# and the key calls (every sandbox is host uid 65534, so one cell filled the key quota of all
-# of them; the fresh session keyring is joined before the filter). clone3 passes its flags in
+# and the key calls (when every sandbox was host uid 65534, one cell filled the key quota of
+# all of them; the fresh session keyring is joined before the filter). clone3 passes its flags in
 # memory a filter cannot read: it gets ENOSYS and the C library falls back to clone.
 SECCOMP_SYSCALLS = {
     "x86_64": (0xC000003E, dict(unshare=272, setns=308, mount=165, umount2=166, pivot_root=155, open_tree=428,
@@ -616,7 +611,7 @@ def _init_process(sb):
     if sb.isolated:
         if os.read(from_w, 1) != b"u":
             raise OSError("the worker died before its user namespace was mapped")
-        _write(f"/proc/{w}/uid_map", f"{SANDBOX_ID} {SANDBOX_ID} 1")
+        _write(f"/proc/{w}/uid_map", f"{SANDBOX_ID} {sb.host_uid} 1")
         _write(f"/proc/{w}/gid_map", f"{SANDBOX_ID} {SANDBOX_ID} 1")
         _build_filesystem(old_ids, sb.scratch, sb.tmpfs_mb)
     os.write(to_w, b"g")
@@ -655,15 +650,17 @@ def _write_all(fd, data):
 
 
 def _become_nobody(sb, to_w_r, from_w_w):
-    """Namespaced: a user namespace of its own mapping only SANDBOX_ID, then that uid and gid,
-    no capabilities. Fallback: no capabilities (as root, that is a plain user's rights)."""
+    """Namespaced: a user namespace of its own mapping only SANDBOX_ID (to sb.host_uid on the
+    host), then that uid and gid, no capabilities. Fallback: no capabilities (as root, that is a plain user's rights)."""
     if sb.isolated:
-        # Created as host uid SANDBOX_ID, not root: whatever the cell then makes in it (pending
-        # signals, which the standard signals add to past RLIMIT_SIGPENDING) is also charged to
-        # the namespace's creator, host-wide. As root, one cell held 1,696 of root's 96,364
-        # pending signals; 57 at once would have made root's timers fail. Where unprivileged
-        # user namespaces are off, as root after all (the filter and rlimits still bound it).
-        os.seteuid(SANDBOX_ID)
+        # Created as the sandbox's own host uid, not root: whatever the cell then makes in it
+        # (pending signals, which the standard signals add to past RLIMIT_SIGPENDING) is also
+        # charged to the namespace's creator, host-wide. As root, one cell held 1,696 of root's
+        # 96,364 pending signals; 57 at once would have made root's timers fail. A uid per
+        # zygote, not one for all: with all cells host uid 65534, one cell used up that uid's
+        # epoll watches and pipe pages and the rollouts beside it failed. Where unprivileged user
+        # namespaces are off, created as root after all (the filter and rlimits still bound it).
+        os.seteuid(sb.host_uid)
         made = _libc.unshare(CLONE_NEWUSER) == 0
         if not made:
             os.seteuid(0)
@@ -860,6 +857,7 @@ class _Sandbox:
         self.out_r, self.out_w = os.pipe()            # W -> G: the output
         self.report_r, self.report_w = os.pipe()      # W -> G: cell index, exception (untrusted)
         self.scratch = tempfile.mkdtemp(prefix=f"autocode-sandbox-{zygote_pid}-", dir=SCRATCH_PARENT)
+        self.host_uid = HOST_UID_BASE + zygote_pid   # namespaced: what the cell is on the host
         self.r = None
 
 

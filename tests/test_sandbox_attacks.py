@@ -460,6 +460,17 @@ def test_what_a_cell_holds_is_not_charged_to_root(mode):
     assert max(seen) - base < 10, f"root's pending signals rose from {base} to {max(seen)}"
 
 
+def test_rollouts_that_run_at_once_are_different_host_users(mode):
+    """Per-user quotas (epoll watches, pipe pages, fds in flight, pending signals) are shared by
+    the processes of one host uid: when every cell was host uid 65534, one cell used up that
+    uid's epoll watches and the rollout beside it failed to register a pipe."""
+    only_ns(mode)
+    res = sandbox.run_batch([["print(open('/proc/self/uid_map').read().split())"]] * 2, workers=2)
+    (inner_a, host_a, n_a), (inner_b, host_b, n_b) = (eval(r.output) for r in res)
+    assert inner_a == inner_b == "65534" and n_a == n_b == "1"
+    assert host_a != host_b and min(int(host_a), int(host_b)) >= 1 << 30, res
+
+
 def test_kernel_settings_are_not_writable(mode):
     only_ns(mode)
     res, _ = timed(["import os\nn = 0\nfor root, _, files in os.walk('/proc/sys'):\n    for f in files:\n"
