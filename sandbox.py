@@ -26,9 +26,9 @@ and numpy + sympy imported. Z never reads a request: it only forks, ahead of tim
      sandbox), remounts every filesystem read-only, nodev and nosuid, mounts a fresh /proc
      (read-only), a minimal /dev (null zero full random urandom, a private shm), an empty /run
      and a private tmpfs on an empty scratch directory, and forks
-  W  the worker: a new user namespace, created as a host uid of its own (HOST_UID_BASE + the
-     zygote's pid: what the cell holds counts against that uid's host-wide quotas, not root's
-     nor another rollout's), in which it is uid/gid 65534 with no
+  W  the worker: a new user namespace, created as a host uid of its own (drawn at random from
+     HOST_UID_RANGE: what the cell holds counts against that uid's host-wide quotas, not
+     root's nor another rollout's), in which it is uid/gid 65534 with no
      capabilities at all (empty bounding set), no_new_privs, a fresh session keyring, a seccomp
      filter (no new namespaces, mounts, inotify or fanotify, file locks or key calls:
      SECCOMP_SYSCALLS says why), its own session, resource limits, cwd = HOME = TMPDIR = the
@@ -78,16 +78,14 @@ supervisor that is a child subreaper and kills every descendant of the request (
 setpgid children too) plus everything in its cgroup (cgroups only as root), a scratch
 directory removed afterwards, the sandbox's own processes non-dumpable (their /proc/<pid>/mem,
 environ and fd are closed to the cell), the same untrusted-report rules and the caller's
-deadline. FALLBACK_GAPS lists what it
-does NOT protect; `--selftest` prints it.
+deadline. FALLBACK_GAPS lists what it does NOT protect; `--selftest` prints it.
 
 Never protected against, in either mode: reading world-readable files (keep secrets off the
 machine that runs rollouts, or at least not world-readable), a unix socket that any user may
-write to, CPU contention with the host, kernel exploits. A host process running as a
-sandbox's host uid (HOST_UID_BASE + a zygote's pid; nothing else should) could signal and
-trace its cells. The seccomp filter exists on x86_64 and aarch64, in both modes; elsewhere
---selftest says it is off. It is a guard for model-written math code, not a proof against a
-determined attacker.
+write to, CPU contention with the host, kernel exploits. A host process running as a uid in
+HOST_UID_RANGE (nothing else should) could signal and trace cells that drew it. The seccomp
+filter exists on x86_64 and aarch64, in both modes; elsewhere --selftest says it is off. It
+is a guard for model-written math code, not a proof against a determined attacker.
 """
 import argparse
 import ast
@@ -124,7 +122,8 @@ SIGPENDING_MAX = 64         # queued signals a sandbox may have pending at once
 SETUP_SLACK = 0.5            # G's allowance for W to receive its request and start cell 1
 CLIENT_GRACE = 2.0           # the caller's deadline: cells x timeout + this
 SANDBOX_ID = 65534           # uid and gid of the cell inside its user namespace ("nobody")
-HOST_UID_BASE = 1 << 30      # the cell's uid on the host: this + its zygote's pid (one per rollout at once)
+HOST_UID_RANGE = (0x70000000, 0x7FFF0000)   # cells' host uids, one drawn per sandbox: above systemd-
+                                            # nspawn's pool for containers, below 2**31
 SAFE_ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": "/tmp",
             "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
             "PYTHONDONTWRITEBYTECODE": "1", "PYTHONHASHSEED": "0"}
@@ -657,8 +656,8 @@ def _become_nobody(sb, to_w_r, from_w_w):
         # (pending signals, which the standard signals add to past RLIMIT_SIGPENDING) is also
         # charged to the namespace's creator, host-wide. As root, one cell held 1,696 of root's
         # 96,364 pending signals; 57 at once would have made root's timers fail. A uid per
-        # zygote, not one for all: with all cells host uid 65534, one cell used up that uid's
-        # epoll watches and pipe pages and the rollouts beside it failed. Where unprivileged user
+        # sandbox, not one for all (_host_uid): with all cells host uid 65534, one cell used up
+        # that uid's epoll watches and the rollout beside it failed. Where unprivileged user
         # namespaces are off, created as root after all (the filter and rlimits still bound it).
         os.seteuid(sb.host_uid)
         made = _libc.unshare(CLONE_NEWUSER) == 0
@@ -846,6 +845,21 @@ class _Report:
         return started
 
 
+def _host_uid(uid_map="/proc/self/uid_map"):
+    """A fresh host uid for one sandbox's cells, drawn from HOST_UID_RANGE: rollouts that run at
+    once are then different users, in this process or in another container that shares the
+    host's users (a uid derived from the zygote's pid was the same in two such containers).
+    SANDBOX_ID where this process's user namespace does not map the range (a container with
+    remapped users, often 0-65535 only: its cells then share one uid's quotas)."""
+    lo, hi = HOST_UID_RANGE
+    with open(uid_map) as f:
+        for line in f:
+            inside, _, count = map(int, line.split())
+            if inside <= lo and hi <= inside + count:
+                return lo + secrets.randbelow(hi - lo)
+    return SANDBOX_ID
+
+
 class _Sandbox:
     """What G keeps about the sandbox it built (R and W are forked with copies of it)."""
 
@@ -857,7 +871,7 @@ class _Sandbox:
         self.out_r, self.out_w = os.pipe()            # W -> G: the output
         self.report_r, self.report_w = os.pipe()      # W -> G: cell index, exception (untrusted)
         self.scratch = tempfile.mkdtemp(prefix=f"autocode-sandbox-{zygote_pid}-", dir=SCRATCH_PARENT)
-        self.host_uid = HOST_UID_BASE + zygote_pid   # namespaced: what the cell is on the host
+        self.host_uid = _host_uid()                   # namespaced: what the cell is on the host
         self.r = None
 
 

@@ -468,7 +468,21 @@ def test_rollouts_that_run_at_once_are_different_host_users(mode):
     res = sandbox.run_batch([["print(open('/proc/self/uid_map').read().split())"]] * 2, workers=2)
     (inner_a, host_a, n_a), (inner_b, host_b, n_b) = (eval(r.output) for r in res)
     assert inner_a == inner_b == "65534" and n_a == n_b == "1"
-    assert host_a != host_b and min(int(host_a), int(host_b)) >= 1 << 30, res
+    lo, hi = sandbox.HOST_UID_RANGE
+    assert host_a != host_b and lo <= int(host_a) < hi and lo <= int(host_b) < hi, res
+
+
+def test_host_uid_is_drawn_where_the_user_namespace_maps_it(tmp_path):
+    """Two containers sharing the host's users drew the same uid when it came from the
+    zygote's pid; a container that maps only uids 0-65535 lost namespaces altogether (seteuid
+    to an unmapped uid failed), so there the cells keep 65534."""
+    host, remapped = tmp_path / "host", tmp_path / "remapped"
+    host.write_text("         0          0 4294967295\n")
+    remapped.write_text("         0     100000      65536\n")
+    drawn = {sandbox._host_uid(str(host)) for _ in range(20)}
+    lo, hi = sandbox.HOST_UID_RANGE
+    assert len(drawn) == 20 and all(lo <= u < hi for u in drawn)
+    assert sandbox._host_uid(str(remapped)) == sandbox.SANDBOX_ID
 
 
 def test_kernel_settings_are_not_writable(mode):
