@@ -83,9 +83,15 @@ deadline. FALLBACK_GAPS lists what it does NOT protect; `--selftest` prints it.
 Never protected against, in either mode: reading world-readable files (keep secrets off the
 machine that runs rollouts, or at least not world-readable), a unix socket that any user may
 write to, CPU contention with the host, kernel exploits. A host process running as a uid in
-HOST_UID_RANGE (nothing else should) could signal and trace cells that drew it. The seccomp
-filter exists on x86_64 and aarch64, in both modes; elsewhere --selftest says it is off. It
-is a guard for model-written math code, not a proof against a determined attacker.
+HOST_UID_RANGE (nothing else should) could signal and trace cells that drew it. In a container
+whose user namespace does not map HOST_UID_RANGE, every cell is host uid 65534: rollouts that
+run at once then share that uid's quotas (a cell holding them can make another's fd passing,
+epoll or timers fail), and other processes of uid 65534 may signal and trace cells. Where the
+cells' namespace cannot be created without root (unprivileged user namespaces off, confined by
+AppArmor, or AUTOCODE_SANDBOX_USERNS_AS_ROOT=1), root creates it and pending standard signals
+count against root's limit. The seccomp filter exists on x86_64 and aarch64, in both modes;
+elsewhere --selftest says it is off. It is a guard for model-written math code, not a proof
+against a determined attacker.
 """
 import argparse
 import ast
@@ -97,6 +103,7 @@ import json
 import math
 import os
 import platform
+import pwd
 import queue
 import re
 import resource
@@ -122,8 +129,10 @@ SIGPENDING_MAX = 64         # queued signals a sandbox may have pending at once
 SETUP_SLACK = 0.5            # G's allowance for W to receive its request and start cell 1
 CLIENT_GRACE = 2.0           # the caller's deadline: cells x timeout + this
 SANDBOX_ID = 65534           # uid and gid of the cell inside its user namespace ("nobody")
-HOST_UID_RANGE = (0x70000000, 0x7FFF0000)   # cells' host uids, one drawn per sandbox: above systemd-
-                                            # nspawn's pool for containers, below 2**31
+# the cells' host uids, one drawn per sandbox: above systemd-nspawn's container pool (to
+# 0x6FFFFFFF) and SSSD's default range for directory users (to 2,000,200,000), below systemd's
+# "foreign" range (0x7FFE0000, images' files); a uid the host's user database knows is skipped
+HOST_UID_RANGE = (0x77400000, 0x7FFE0000)
 SAFE_ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": "/tmp",
             "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
             "PYTHONDONTWRITEBYTECODE": "1", "PYTHONHASHSEED": "0"}
@@ -648,6 +657,18 @@ def _write_all(fd, data):
         view = view[os.write(fd, view):]
 
 
+def _userns_restricted(path="/proc/sys/kernel/apparmor_restrict_unprivileged_userns"):
+    """True where AppArmor confines user namespaces made without privileges (Ubuntu 23.10 on),
+    or AUTOCODE_SANDBOX_USERNS_AS_ROOT=1 said to create the cells' namespace as root."""
+    if _USERNS_AS_ROOT:
+        return True
+    try:
+        with open(path) as f:
+            return f.read().strip() == "1"
+    except OSError:
+        return False
+
+
 def _become_nobody(sb, to_w_r, from_w_w):
     """Namespaced: a user namespace of its own mapping only SANDBOX_ID (to sb.host_uid on the
     host), then that uid and gid, no capabilities. Fallback: no capabilities (as root, that is a plain user's rights)."""
@@ -659,10 +680,14 @@ def _become_nobody(sb, to_w_r, from_w_w):
         # sandbox, not one for all (_host_uid): with all cells host uid 65534, one cell used up
         # that uid's epoll watches and the rollout beside it failed. Where unprivileged user
         # namespaces are off, created as root after all (the filter and rlimits still bound it).
-        os.seteuid(sb.host_uid)
-        made = _libc.unshare(CLONE_NEWUSER) == 0
+        # AppArmor's restriction gives such a namespace no capabilities, and setup would fail.
+        made = False
+        if not _userns_restricted():
+            os.seteuid(sb.host_uid)
+            made = _libc.unshare(CLONE_NEWUSER) == 0
+            if not made:
+                os.seteuid(0)
         if not made:
-            os.seteuid(0)
             _check(_libc.unshare(CLONE_NEWUSER), "unshare(user)")
         os.write(from_w_w, b"u")                      # R writes our uid_map and gid_map
     if os.read(to_w_r, 1) != b"g":
@@ -849,14 +874,19 @@ def _host_uid(uid_map="/proc/self/uid_map"):
     """A fresh host uid for one sandbox's cells, drawn from HOST_UID_RANGE: rollouts that run at
     once are then different users, in this process or in another container that shares the
     host's users (a uid derived from the zygote's pid was the same in two such containers).
+    A uid that the user database knows is never drawn: the cell would own that user's files.
     SANDBOX_ID where this process's user namespace does not map the range (a container with
-    remapped users, often 0-65535 only: its cells then share one uid's quotas)."""
+    remapped users, often 0-65535 only): the module docstring says what its cells then share."""
     lo, hi = HOST_UID_RANGE
     with open(uid_map) as f:
-        for line in f:
-            inside, _, count = map(int, line.split())
-            if inside <= lo and hi <= inside + count:
-                return lo + secrets.randbelow(hi - lo)
+        mapped = any(inside <= lo and hi <= inside + count
+                     for inside, _, count in (map(int, line.split()) for line in f))
+    for _ in range(100) if mapped else ():
+        uid = lo + secrets.randbelow(hi - lo)
+        try:
+            pwd.getpwuid(uid)
+        except KeyError:
+            return uid
     return SANDBOX_ID
 
 
@@ -1057,9 +1087,14 @@ def _probe_isolation(bases):
     return bool(line) and json.loads(line)["ok"]
 
 
-def serve(namespaces=True, root_fallback=False):
+_USERNS_AS_ROOT = False
+
+
+def serve(namespaces=True, root_fallback=False, userns_as_root=False):
     """Zygote main loop: each request line on stdin is read, and answered on stdout, by a
     supervisor forked before it came."""
+    global _USERNS_AS_ROOT
+    _USERNS_AS_ROOT = userns_as_root
     for name in WARM_IMPORTS:
         try:
             __import__(name)
@@ -1146,6 +1181,8 @@ class _Zygote:
             flags.append("--no-namespaces")
         if os.environ.get("AUTOCODE_SANDBOX_ROOT_FALLBACK", "0") == "1":
             flags.append("--root-fallback")
+        if os.environ.get("AUTOCODE_SANDBOX_USERNS_AS_ROOT", "0") == "1":
+            flags.append("--userns-as-root")
         self.proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--serve", *flags],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      env=dict(SAFE_ENV, **{TAG: str(os.getpid())}),
@@ -1405,12 +1442,13 @@ def main():
     ap.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--no-namespaces", dest="namespaces", action="store_false", help=argparse.SUPPRESS)
     ap.add_argument("--root-fallback", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--userns-as-root", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--selftest", action="store_true", help="measure, from inside a sandbox, each protection")
     for k, v in DEFAULTS.items():
         ap.add_argument("--" + k.replace("_", "-"), type=type(v), default=v)
     args = ap.parse_args()
     if args.serve:
-        return serve(args.namespaces, args.root_fallback)
+        return serve(args.namespaces, args.root_fallback, args.userns_as_root)
     if args.selftest:
         return selftest()
     limits = {k: getattr(args, k) for k in DEFAULTS}

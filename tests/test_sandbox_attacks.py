@@ -485,6 +485,56 @@ def test_host_uid_is_drawn_where_the_user_namespace_maps_it(tmp_path):
     assert sandbox._host_uid(str(remapped)) == sandbox.SANDBOX_ID
 
 
+def test_host_uid_never_lands_on_a_known_user(tmp_path, monkeypatch):
+    """A drawn uid that the host already uses (systemd's foreign range, directory users) would
+    let the cell read that user's files."""
+    host = tmp_path / "host"
+    host.write_text("0 0 4294967295\n")
+    lo, hi = sandbox.HOST_UID_RANGE
+    assert hi <= 0x7FFE0000 and lo > 2_000_200_000, "systemd's foreign range, SSSD's default range"
+
+    def getpwuid(uid):                                 # every odd uid belongs to somebody
+        if uid % 2 == 0:
+            raise KeyError(uid)
+        return object()
+    monkeypatch.setattr(sandbox.pwd, "getpwuid", getpwuid)
+    assert all(sandbox._host_uid(str(host)) % 2 == 0 for _ in range(50))
+    monkeypatch.setattr(sandbox.pwd, "getpwuid", lambda uid: object())     # every uid taken
+    assert sandbox._host_uid(str(host)) == sandbox.SANDBOX_ID
+
+
+def test_userns_restriction_is_read_from_the_sysctl(tmp_path):
+    on, off = tmp_path / "on", tmp_path / "off"
+    on.write_text("1\n")
+    off.write_text("0\n")
+    assert sandbox._userns_restricted(str(on)) and not sandbox._userns_restricted(str(off))
+    assert not sandbox._userns_restricted(str(tmp_path / "absent"))
+    sandbox._USERNS_AS_ROOT = True
+    try:
+        assert sandbox._userns_restricted(str(off))
+    finally:
+        sandbox._USERNS_AS_ROOT = False
+
+
+def test_where_user_namespaces_are_restricted_root_creates_the_cells_namespace(monkeypatch):
+    """(Ubuntu's AppArmor) The sandbox must still be isolated, the cells still a drawn uid."""
+    monkeypatch.delenv("AUTOCODE_SANDBOX_NAMESPACES", raising=False)       # whatever mode ran before
+    monkeypatch.delenv("AUTOCODE_SANDBOX_ROOT_FALLBACK", raising=False)
+    monkeypatch.setenv("AUTOCODE_SANDBOX_USERNS_AS_ROOT", "1")       # as where AppArmor restricts them
+    sandbox.shutdown()                                 # the next zygote reads it
+    try:
+        if os.geteuid() != 0 or not sandbox.isolated():
+            pytest.skip("needs root / namespaces")
+        res = sandbox.run_cells(["s = dict(l.split(':', 1) for l in open('/proc/self/status').read().splitlines())\n"
+                                 "print((open('/proc/self/uid_map').read().split(), int(s['CapEff'], 16), "
+                                 "s['Seccomp'].strip()))"])
+        (inner, host, n), caps, seccomp = eval(res.output)
+        lo, hi = sandbox.HOST_UID_RANGE
+        assert inner == "65534" and lo <= int(host) < hi and caps == 0 and seccomp == "2", res
+    finally:
+        sandbox.shutdown()
+
+
 def test_kernel_settings_are_not_writable(mode):
     only_ns(mode)
     res, _ = timed(["import os\nn = 0\nfor root, _, files in os.walk('/proc/sys'):\n    for f in files:\n"
