@@ -671,16 +671,17 @@ def _userns_restricted(path="/proc/sys/kernel/apparmor_restrict_unprivileged_use
 
 def _become_nobody(sb, to_w_r, from_w_w):
     """Namespaced: a user namespace of its own mapping only SANDBOX_ID (to sb.host_uid on the
-    host), then that uid and gid, no capabilities. Fallback: no capabilities (as root, that is a plain user's rights)."""
+    host), then that uid and gid, no capabilities. Fallback: no capabilities (as root, that is
+    a plain user's rights)."""
     if sb.isolated:
         # Created as the sandbox's own host uid, not root: whatever the cell then makes in it
         # (pending signals, which the standard signals add to past RLIMIT_SIGPENDING) is also
         # charged to the namespace's creator, host-wide. As root, one cell held 1,696 of root's
         # 96,364 pending signals; 57 at once would have made root's timers fail. A uid per
         # sandbox, not one for all (_host_uid): with all cells host uid 65534, one cell used up
-        # that uid's epoll watches and the rollout beside it failed. Where unprivileged user
-        # namespaces are off, created as root after all (the filter and rlimits still bound it).
-        # AppArmor's restriction gives such a namespace no capabilities, and setup would fail.
+        # that uid's epoll watches and the rollout beside it failed. Created as root after all
+        # where unprivileged user namespaces are off, or confined by AppArmor (such a namespace
+        # lacks the capabilities setup needs); the filter and rlimits still bound the charges.
         made = False
         if not _userns_restricted():
             os.seteuid(sb.host_uid)
