@@ -1,6 +1,7 @@
 """bench.py -- speed of the sampler and the sandbox, measured side by side in one run.
 
   python bench.py sampler     # model.sample vs model.generate, batch 8 / 32 / 128, 128 new tokens,
+                              # the sampler on transformers' kernels and on its CPU kernels,
                               # and the floor: one decode step's matrix products alone
   python bench.py code        # code-calling rollouts, 8 and 32 of them: model.sample vs generate + re-encode loop
   python bench.py continuous  # 256 prompts of mixed lengths: continuous batching vs fixed chunks
@@ -55,37 +56,46 @@ def timed(fn, device):
 def matmul_floor(model, b, reps=10):
     """Milliseconds that the matrix products of one decode step take alone at batch b: each
     linear layer of the model, with its own weights (so they are read from memory as in a
-    step), applied once to b rows; the median of `reps` steps. No sampler of this model can
-    step faster, so generate's time a step over this bounds what any sampler can gain."""
+    step), applied once to b rows; the median of `reps` steps. On a CPU the weights are the
+    prepacked copies the sampler uses (M.cpu_kernels), the faster of the two kernels here. No
+    sampler of this model can step faster, so generate's time a step over this bounds what
+    any sampler can gain."""
     layers = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
     w = layers[0].weight
     xs = {n: torch.randn(b, n, dtype=w.dtype, device=w.device) for n in {m.in_features for m in layers}}
 
     def step():
         for m in layers:
-            torch.nn.functional.linear(xs[m.in_features], m.weight)
-    step()
-    return 1000 * statistics.median(timed(step, w.device)[1] for _ in range(reps))
+            m(xs[m.in_features])
+    with torch.no_grad(), M.cpu_kernels(model, b):
+        step()
+        return 1000 * statistics.median(timed(step, w.device)[1] for _ in range(reps))
 
 
 def bench_sampler(model, tok, batches, new_tokens):
     device = model.device
+    cpu = device.type == "cpu"
     print(f"\n== sampler vs generate: greedy, {new_tokens} new tokens, EOS ignored ==")
-    print("(floor: one decode step's matrix products alone, ms; bound: generate's time a step over the floor,")
+    print("(model's kernels: sample(fast_cpu=False), transformers' own linear and attention kernels, as generate;")
+    print(" cpu kernels: the default, prepacked weights and grouped attention (model.cpu_kernels), CPU only;")
+    print(" floor: one decode step's matrix products alone, ms; bound: generate's time a step over the floor,")
     print(" the most any sampler of this model could gain on generate)")
-    print(f"{'batch':>5} {'generate tok/s':>15} {'sample tok/s':>13} {'ratio':>6} {'same tokens':>12} "
-          f"{'floor':>6} {'bound':>6}")
+    print(f"{'batch':>5} {'generate tok/s':>15} {'model kernels':>14} {'ratio':>6} {'cpu kernels':>12} {'ratio':>6} "
+          f"{'same tokens':>12} {'floor':>6} {'bound':>6}")
     for b in batches:
         prompts = [M.chat_prompt(tok, QUESTIONS[i % len(QUESTIONS)]) for i in range(b)]
         ids, mask = (t.to(device) for t in M.left_pad(prompts, tok.pad_token_id))
         ref, t_gen = timed(lambda: model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens,
                                                   min_new_tokens=new_tokens, do_sample=False,
                                                   pad_token_id=tok.pad_token_id), device)
-        outs, t_ours = timed(lambda: M.sample(model, tok, prompts, max_new_tokens=new_tokens, greedy=True,
-                                              code=False, ignore_eos=True), device)
+        run = lambda fast: timed(lambda: M.sample(model, tok, prompts, max_new_tokens=new_tokens, greedy=True,
+                                                  code=False, ignore_eos=True, fast_cpu=fast), device)
+        t_plain = run(False)[1] if cpu else None
+        outs, t_ours = run(True)
         same = sum(o.response_ids == ref[i, ids.shape[1]:].tolist() for i, o in enumerate(outs))
         n, floor = b * new_tokens, matmul_floor(model, b)
-        print(f"{b:>5} {n / t_gen:>15.1f} {n / t_ours:>13.1f} {t_gen / t_ours:>5.2f}x {same:>8}/{b} "
+        plain = f"{n / t_plain:>14.1f} {t_gen / t_plain:>5.2f}x" if cpu else f"{'-':>14} {'-':>6}"
+        print(f"{b:>5} {n / t_gen:>15.1f} {plain} {n / t_ours:>12.1f} {t_gen / t_ours:>5.2f}x {same:>8}/{b} "
               f"{floor:>6.1f} {1000 * t_gen / new_tokens / floor:>5.2f}x")
 
 

@@ -345,19 +345,21 @@ def test_rl_rollouts_report_progress(fake_sampler, tok):
     assert bar.bar.n == bar.bar.total == 6 and len(bar.calls) == 3 * 2
 
 
-def test_bench_matmul_floor_reads_every_linear_weight_once_per_step(tiny, monkeypatch):
+def test_bench_matmul_floor_reads_every_linear_weight_once_per_step(tiny):
     """The floor bench.py prints beside generate must be one whole decode step's matrix
-    products: every linear layer of the model (LM head included), each once, at the batch."""
+    products: every linear layer of the model (LM head included), each once, at the batch,
+    on the kernels the sampler uses (prepacked weights on this CPU)."""
     seen = []
-    real = torch.nn.functional.linear
-
-    def spy(x, weight, *a, **k):
-        seen.append((weight.data_ptr(), x.shape[0]))
-        return real(x, weight, *a, **k)
-    monkeypatch.setattr(torch.nn.functional, "linear", spy)
-    ms = bench.matmul_floor(tiny, 5, reps=3)
-    weights = {m.weight.data_ptr() for m in tiny.modules() if isinstance(m, torch.nn.Linear)}
+    linears = [m for m in tiny.modules() if isinstance(m, torch.nn.Linear)]
+    hooks = [m.register_forward_hook(lambda m, args, out: seen.append((id(m), args[0].shape[0], "forward" in m.__dict__)))
+             for m in linears]
+    try:
+        ms = bench.matmul_floor(tiny, 5, reps=3)
+    finally:
+        for h in hooks:
+            h.remove()
     steps = 1 + 3                                   # a warm-up step, then the timed ones
-    assert len(seen) == steps * len(weights)
-    assert {p for p, _ in seen} == weights and {b for _, b in seen} == {5}
-    assert ms > 0
+    assert len(seen) == steps * len(linears)
+    assert {m for m, _, _ in seen} == {id(m) for m in linears} and {b for _, b, _ in seen} == {5}
+    assert all(packed for _, _, packed in seen) == M.cpu_kernels(tiny, 5).on
+    assert ms > 0 and not any("forward" in m.__dict__ for m in linears)
