@@ -1,7 +1,7 @@
 """bench.py -- speed of the sampler and the sandbox, measured side by side in one run.
 
   python bench.py sampler     # model.sample vs model.generate, batch 8 / 32 / 128, 128 new tokens,
-                              # the sampler on transformers' kernels and on its CPU kernels,
+                              # the sampler on plain and on prepacked weights,
                               # and the floor: one decode step's matrix products alone
   python bench.py code        # code-calling rollouts, 8 and 32 of them: model.sample vs generate + re-encode loop
   python bench.py continuous  # 256 prompts of mixed lengths: continuous batching vs fixed chunks
@@ -57,7 +57,7 @@ def matmul_floor(model, b, reps=10):
     """Milliseconds that the matrix products of one decode step take alone at batch b: each
     linear layer of the model, with its own weights (so they are read from memory as in a
     step), applied once to b rows; the median of `reps` steps. On a CPU the weights are the
-    prepacked copies the sampler uses (M.cpu_kernels), the faster of the two kernels here. No
+    prepacked copies the sampler uses (M.packed_linears), the faster of the two kernels here. No
     sampler of this model can step faster, so generate's time a step over this bounds what
     any sampler can gain."""
     layers = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
@@ -67,7 +67,7 @@ def matmul_floor(model, b, reps=10):
     def step():
         for m in layers:
             m(xs[m.in_features])
-    with torch.no_grad(), M.cpu_kernels(model, b):
+    with torch.no_grad(), M.packed_linears(model, b):
         step()
         return 1000 * statistics.median(timed(step, w.device)[1] for _ in range(reps))
 
@@ -76,11 +76,11 @@ def bench_sampler(model, tok, batches, new_tokens):
     device = model.device
     cpu = device.type == "cpu"
     print(f"\n== sampler vs generate: greedy, {new_tokens} new tokens, EOS ignored ==")
-    print("(model's kernels: sample(fast_cpu=False), transformers' own linear and attention kernels, as generate;")
-    print(" cpu kernels: the default, prepacked weights and grouped attention (model.cpu_kernels), CPU only;")
+    print("(plain weights: sample(pack_weights=False), the model's own linear layers, as generate uses them;")
+    print(" packed: the default, weights prepacked for oneDNN (model.packed_linears), CPU only;")
     print(" floor: one decode step's matrix products alone, ms; bound: generate's time a step over the floor,")
     print(" the most any sampler of this model could gain on generate)")
-    print(f"{'batch':>5} {'generate tok/s':>15} {'model kernels':>14} {'ratio':>6} {'cpu kernels':>12} {'ratio':>6} "
+    print(f"{'batch':>5} {'generate tok/s':>15} {'plain weights':>14} {'ratio':>6} {'packed':>12} {'ratio':>6} "
           f"{'same tokens':>12} {'floor':>6} {'bound':>6}")
     for b in batches:
         prompts = [M.chat_prompt(tok, QUESTIONS[i % len(QUESTIONS)]) for i in range(b)]
@@ -88,8 +88,8 @@ def bench_sampler(model, tok, batches, new_tokens):
         ref, t_gen = timed(lambda: model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens,
                                                   min_new_tokens=new_tokens, do_sample=False,
                                                   pad_token_id=tok.pad_token_id), device)
-        run = lambda fast: timed(lambda: M.sample(model, tok, prompts, max_new_tokens=new_tokens, greedy=True,
-                                                  code=False, ignore_eos=True, fast_cpu=fast), device)
+        run = lambda pack: timed(lambda: M.sample(model, tok, prompts, max_new_tokens=new_tokens, greedy=True,
+                                                  code=False, ignore_eos=True, pack_weights=pack), device)
         t_plain = run(False)[1] if cpu else None
         outs, t_ours = run(True)
         same = sum(o.response_ids == ref[i, ids.shape[1]:].tolist() for i, o in enumerate(outs))

@@ -38,7 +38,7 @@ outputs of finished executions, (3) feeds every row with several tokens to feed 
 an output block) in one left-padded forward, running a prefix that fresh rows share only once,
 and (4) steps every other live row by one token; a row paused on its code idles in its slot
 while the others decode. On CUDA the one-token step is a CUDA graph per batch-width bucket; on a
-CPU the model runs on prepacked weights and a grouped one-query attention (`cpu_kernels`).
+CPU every linear layer runs on weights prepacked for oneDNN's kernel (`packed_linears`).
 Prompt i draws from its own counter-based random stream keyed by (seed, i), so which rows step
 together (the sandbox's timing, the batch width) cannot change its tokens.
 
@@ -389,75 +389,43 @@ def release_freed_memory():
 _trim = None
 
 
-class cpu_kernels:
-    """While sampling on a CPU: every linear layer multiplies with a copy of its weight that
-    oneDNN has laid out in blocks for its kernel ("prepacked"), and a one-token query attends
-    by two batched matrix products, each query head grouped with the key/value head it reads.
-    torch's default CPU matmul re-reads the plain [out, in] weight on every call, and its
-    fused attention kernel is slow for one query row; these are the two largest costs of a
-    decode step that are not the arithmetic itself (README, Time and memory: measured in
-    `python bench.py sampler`, where both columns are printed).
+class packed_linears:
+    """While sampling on a CPU, every linear layer multiplies with a copy of its weight that
+    oneDNN has laid out in blocks for its kernel ("prepacked"). torch's default CPU matmul
+    starts from the plain [out, in] weight on every call; at SmolLM2-135M's shapes and 32 rows
+    one decode step's matrix products took 113 ms that way and 54 ms prepacked in fp32, 41 and
+    30 ms in bf16 (README, Numbers measured here; `python bench.py sampler` prints the sampler
+    on both).
 
     A context manager over `model`: the weights are packed on entry (a copy: the linear
-    weights' memory again, ~0.1-0.2 s for 135M parameters) and the model is as before on exit,
-    so training between two samples is seen by the next. A no-op where it cannot apply:
-    another device, fp16, a build without oneDNN, or sharded (FSDP) weights. The numbers
-    change by rounding only (fp32: ~1e-6 of a logit; bf16 matmuls give the same bits)."""
+    weights' memory again while it lasts, ~0.1-0.2 s for 135M parameters) and the layers are
+    as before on exit, so training between two samples is seen by the next. Layers already
+    packed by an enclosing context are left to it. A no-op where it cannot apply: another
+    device, fp16, a build without oneDNN, or sharded (FSDP) weights. Packed products round
+    differently only in fp32 (~1e-6 of a logit); in bf16 they gave the same bits here. No
+    gradient flows to a packed weight: use it under torch.no_grad() only, as `sample` does."""
 
     def __init__(self, model, rows, enabled=True):
         weight = next(model.parameters())
-        self.model, self.rows, self.undo, self.configs = model, rows, [], []
+        self.model, self.rows, self.undo = model, rows, []
         self.on = (enabled and weight.device.type == "cpu" and torch.backends.mkldnn.is_available()
                    and (weight.dtype == torch.float32
                         or weight.dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported())
                    and not any(type(m).__name__.startswith("FSDP") for m in model.modules()))
 
     def __enter__(self):
-        if not self.on:
-            return self
-        for m in self.model.modules():
-            if isinstance(m, torch.nn.Linear) and "forward" not in m.__dict__:   # not already packed
+        for m in self.model.modules() if self.on else ():
+            if isinstance(m, torch.nn.Linear) and "forward" not in m.__dict__:
                 packed = torch.ops.mkldnn._reorder_linear_weight(m.weight.detach(), self.rows)
                 m.forward = lambda x, packed=packed, bias=m.bias: torch.ops.mkldnn._linear_pointwise(
                     x, packed, bias, "none", [], "")
                 self.undo.append(m)
-        from transformers import AttentionInterface
-        from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
-        AttentionInterface.register("autocode_grouped", grouped_attention)
-        AttentionMaskInterface.register("autocode_grouped", ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])   # masks as SDPA's
-        configs = {id(m.config): m.config for m in self.model.modules()
-                   if getattr(getattr(m, "config", None), "_attn_implementation", None) == "sdpa"}
-        for config in configs.values():
-            config._attn_implementation = "autocode_grouped"
-        self.configs = list(configs.values())
         return self
 
     def __exit__(self, *exc):
         for m in self.undo:
             del m.forward                   # the class's forward again
-        for config in self.configs:
-            config._attn_implementation = "sdpa"
-        self.undo, self.configs = [], []
-
-
-def grouped_attention(module, query, key, value, attention_mask, scaling=None, **kwargs):
-    """Attention of one query token per row: query [b, heads, 1, d] grouped as [b, kv heads,
-    heads per kv head, d] against key/value [b, kv heads, L, d], so no key is repeated per
-    query head; scores and their softmax in fp32. Anything else (a prompt, softcapping) goes
-    to transformers' SDPA path. Returns [b, 1, heads, d] as transformers' attention does."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-    b, heads, t, d = query.shape
-    if t != 1 or kwargs.get("softcap") is not None:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
-    kv_heads = key.shape[1]
-    q = query.reshape(b, kv_heads, heads // kv_heads, d) * (scaling if scaling is not None else d ** -0.5)
-    if key.dtype == torch.bfloat16:   # torch's bf16 batched matmul on a strided slice of the cache:
-        key = key.contiguous()        # 275 us a layer (32 rows, 100 columns), 20 + 100 us copied first
-    scores = torch.matmul(q, key.transpose(2, 3)).float()          # [b, kv heads, group, L]
-    if attention_mask is not None:
-        scores = scores + attention_mask                             # [b, 1, 1, L] broadcast
-    probs = torch.softmax(scores, dim=-1).to(value.dtype)
-    return torch.matmul(probs, value).reshape(b, 1, heads, d), None
+        self.undo = []
 
 
 class SlotCache:
@@ -839,7 +807,7 @@ class _Sampler:
 def sample(model, tok, prompts, prefixes=None, *, max_new_tokens=512, temperature=1.0, top_p=1.0,
            top_k=0, greedy=False, stop=(), seed=0, executor=default_executor, max_code_calls=4,
            max_output_chars=400, code=True, ignore_eos=False, batch_size=None, progress=None, lockstep=True,
-           fast_cpu=True):
+           pack_weights=True):
     """Sample one solution per prompt (lists of token ids). Returns a list of Rollout, in order.
 
     prefixes: per-prompt forced response prefix (token ids), fed as if the model had written
@@ -858,8 +826,8 @@ def sample(model, tok, prompts, prefixes=None, *, max_new_tokens=512, temperatur
     another token, and the runs parted from there (README, Results). It costs a stall only when
     an execution outlasts a decode step (on a 2-core CPU a step takes ~0.1 s at batch 32; the
     sandbox answers in ~0.01 s). lockstep=False lets the other rows decode meanwhile.
-    fast_cpu (default): on a CPU, sample with prepacked weights and grouped attention
-    (`cpu_kernels`); False runs the model's own kernels (bench.py prints both).
+    pack_weights (default): on a CPU, multiply with weights prepacked for oneDNN
+    (`packed_linears`); False runs the model's own linear layers (bench.py prints both).
     """
     prefixes = prefixes or [[] for _ in prompts]
     if any(not p and not f for p, f in zip(prompts, prefixes)):
@@ -877,7 +845,7 @@ def sample(model, tok, prompts, prefixes=None, *, max_new_tokens=512, temperatur
                    executor=executor, max_code_calls=max_code_calls, max_output_chars=max_output_chars, draw=draw)
     queue = deque(_Row(i, p, f, _row_key(seed, i)) for i, (p, f) in enumerate(zip(prompts, prefixes)))
     try:
-        with cpu_kernels(model, width, enabled=fast_cpu):
+        with packed_linears(model, width, enabled=pack_weights):
             while queue or run.rows:
                 run.admit(queue)
                 # rows paused on code take their outputs; wait only if no row could move otherwise

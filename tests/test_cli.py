@@ -361,5 +361,5 @@ def test_bench_matmul_floor_reads_every_linear_weight_once_per_step(tiny):
     steps = 1 + 3                                   # a warm-up step, then the timed ones
     assert len(seen) == steps * len(linears)
     assert {m for m, _, _ in seen} == {id(m) for m in linears} and {b for _, b, _ in seen} == {5}
-    assert all(packed for _, _, packed in seen) == M.cpu_kernels(tiny, 5).on
+    assert all(packed for _, _, packed in seen) == M.packed_linears(tiny, 5).on
     assert ms > 0 and not any("forward" in m.__dict__ for m in linears)
