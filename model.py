@@ -389,6 +389,12 @@ def release_freed_memory():
 _trim = None
 
 
+def sharded(model):
+    """Whether FSDP2 shards the model (fully_shard renames each class it wraps FSDP<name>): its
+    weights are then gathered per forward, so neither a CUDA graph nor a packed copy can hold them."""
+    return any(type(m).__name__.startswith("FSDP") for m in model.modules())
+
+
 class packed_linears:
     """While sampling on a CPU, every linear layer multiplies with a copy of its weight that
     oneDNN has laid out in blocks for its kernel ("prepacked"). torch's default CPU matmul
@@ -411,7 +417,7 @@ class packed_linears:
         self.on = (enabled and weight.device.type == "cpu" and torch.backends.mkldnn.is_available()
                    and (weight.dtype == torch.float32
                         or weight.dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported())
-                   and not any(type(m).__name__.startswith("FSDP") for m in model.modules()))
+                   and not sharded(model))
 
     def __enter__(self):
         for m in self.model.modules() if self.on else ():
@@ -607,7 +613,7 @@ class _Sampler:
         self.stop_ids = _watched(tok, "".join(stop))
         self.stop_span = max(map(len, self.stop), default=0) + 2    # tokens that can hold a stop string
         self.cache = SlotCache(width, capacity)
-        graphs = self.device.type == "cuda" and not any(type(m).__name__.startswith("FSDP") for m in model.modules())
+        graphs = self.device.type == "cuda" and not sharded(model)
         self.step = _DecodeStep(model, self.cache, width, draw, graphs)
         self.pool = ThreadPoolExecutor(max_workers=max(1, os.cpu_count() or 1)) if code else None
         self.rows, self.width, self.finished, self.reported = [], width, [], 0
