@@ -1,16 +1,19 @@
 """The sampler's batch machinery: continuous batching, per-row random streams (same seed,
 same rollouts whatever the sandbox's timing), the progress contract, the preallocated cache
 growing and compacting, and the decode-step buckets (the CUDA-graph path's shapes, run
-eagerly here)."""
+eagerly here; what a graph would capture, run on the meta device)."""
+import functools
 import random
 import time
 from types import SimpleNamespace
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 import model as M
-from test_model import QUESTIONS, Scripted, code_writer
+from test_model import QUESTIONS, Scripted, code_writer, qwen2_like
 
 
 def assert_same(outs, ref):
@@ -208,6 +211,48 @@ def test_decode_buckets():
     assert M._buckets(1) == [1]
     assert M._buckets(6) == [1, 2, 4, 6]
     assert M._buckets(32) == [1, 2, 4, 8, 16, 32]
+
+
+class HostTensors(TorchDispatchMode):
+    """Records every operator that is handed a tensor living on the CPU (0-dim scalars aside:
+    those a CUDA kernel takes by value)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops, self.seen = 0, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops += 1
+        self.seen += [str(func) for a in tree_leaves((args, kwargs or {}))
+                      if isinstance(a, torch.Tensor) and a.device.type == "cpu" and a.dim() > 0]
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("greedy", [True, False])
+def test_the_captured_decode_step_neither_syncs_nor_reads_host_memory(tok, arch, greedy):
+    """What a CUDA graph captures (`_DecodeStep._forward` at the full cache width), run on the
+    `meta` device: a host sync in it (`.item()`, `.tolist()`, `bool(t)`, a boolean-mask index)
+    raises on meta as it breaks a capture on a GPU, and a tensor built on the CPU inside it (an
+    `arange` without a device) would be a host copy the graph cannot replay: meta refuses to
+    mix it in, and an index tensor (which meta accepts from the CPU) is caught by the guard.
+    Mutations seen to fail it: a device-less arange in `_attention_mask` or in `SlotCache.plan`,
+    a `float()` in `_draw`, a boolean-mask index in the step."""
+    net = (M.tiny_model(tok) if arch == "llama" else qwen2_like(tok)).to(torch.bfloat16).to("meta")
+    w, capacity, prompt = 4, 16, 3
+    cache = M.SlotCache(w, capacity)
+    pos = torch.arange(prompt, device="meta").expand(w, prompt)
+    cache.plan(torch.arange(w, device="meta"), pos, prompt)      # a prefill allocates the cache
+    with torch.no_grad():
+        net(input_ids=torch.zeros(w, prompt, dtype=torch.long, device="meta"), position_ids=pos,
+            attention_mask=M._attention_mask(pos, None, prompt, torch.bfloat16), cache=cache, use_cache=True)
+    draw = functools.partial(M._draw, greedy=greedy, temperature=0.7, top_k=20, top_p=0.9)
+    step = M._DecodeStep(net, cache, w, draw, graphs=True)
+    guard = HostTensors()
+    with torch.no_grad(), guard:
+        out = step._forward(w, cache.capacity)
+    assert out.is_meta and out.shape == (2, w)
+    assert guard.ops > 50 and guard.seen == []
 
 
 def test_slot_cache_move_and_grow(monkeypatch):
