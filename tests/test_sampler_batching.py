@@ -1,7 +1,9 @@
 """The sampler's batch machinery: continuous batching, per-row random streams (same seed,
 same rollouts whatever the sandbox's timing), the progress contract, the preallocated cache
 growing and compacting, and the decode-step buckets (the CUDA-graph path's shapes, run
-eagerly here; what a graph would capture, run on the meta device)."""
+eagerly here; what a graph would capture, run on the meta device; capture and replay
+emulated on a tape of operators)."""
+import contextlib
 import functools
 import random
 import time
@@ -253,6 +255,56 @@ def test_the_captured_decode_step_neither_syncs_nor_reads_host_memory(tok, arch,
         out = step._forward(w, cache.capacity)
     assert out.is_meta and out.shape == (2, w)
     assert guard.ops > 50 and guard.seen == []
+
+
+class Tape(TorchDispatchMode):
+    """A CUDA graph's contract, on a CPU: capture records every operator with the tensors it
+    read and wrote; replay runs them again on those same tensors. A step that hands the graph a
+    fresh input tensor, or replays after the cache it captured was reallocated, reads stale
+    memory here as it would on a GPU."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops, self.replays = [], 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.ops.append((func, args, kwargs or {}, out))
+        return out
+
+    def replay(self):
+        self.replays += 1
+        for func, args, kwargs, out in self.ops:
+            new = func(*args, **kwargs)
+            for old, fresh in zip(tree_leaves(out), tree_leaves(new)):
+                if isinstance(old, torch.Tensor) and old is not fresh:
+                    old.copy_(fresh)                 # a graph writes into the captured outputs
+
+
+def test_the_cuda_graph_path_replayed_on_a_tape_samples_what_the_eager_step_does(tiny, tok, monkeypatch):
+    """The sampler with its decode step on (emulated) CUDA graphs: one per batch-width bucket,
+    captured again when the cache grows, replayed on the full cache width. Code rows, a long
+    output that grows the cache, more prompts than slots: the rollouts are the eager ones.
+    Mutations seen to fail it: no recapture after the cache grows; a fresh input tensor per step."""
+    lm = code_writer(tiny, tok)
+    prompts, prefixes = code_prompts(tok, 5)
+    long_output = " ".join(str(i) for i in range(300))
+    kw = dict(max_new_tokens=20, temperature=1.0, seed=0, max_code_calls=2, batch_size=3)
+    eager = M.sample(lm, tok, prompts, prefixes, executor=Scripted("7", long_output), **kw)
+    tapes, stream = [], SimpleNamespace(wait_stream=lambda other: None)
+    for name, fake in (("Stream", lambda: stream), ("current_stream", lambda: stream),
+                       ("stream", lambda s: contextlib.nullcontext()), ("graph", lambda tape: tape),
+                       ("CUDAGraph", lambda: tapes.append(Tape()) or tapes[-1])):
+        monkeypatch.setattr(torch.cuda, name, fake, raising=False)
+    Step = M._DecodeStep
+    monkeypatch.setattr(M, "_DecodeStep", lambda model, cache, width, draw, graphs: Step(model, cache, width, draw, True))
+    grows = []
+    grow = M.SlotCache.grow
+    monkeypatch.setattr(M.SlotCache, "grow", lambda self, c: grows.append(c) or grow(self, c))
+    graphed = M.sample(lm, tok, prompts, prefixes, executor=Scripted("7", long_output), **kw)
+    assert_same(graphed, eager)
+    assert grows and len(tapes) > len(M._buckets(3)), "a capture per bucket, and again after growing"
+    assert sum(t.replays for t in tapes) >= 20 and all(len(t.ops) > 50 for t in tapes)
 
 
 def test_slot_cache_move_and_grow(monkeypatch):
