@@ -37,7 +37,7 @@ finished rows' slots to waiting prompts and keeps the live rows in slots 0..n-1,
 outputs of finished executions, (3) feeds every row with several tokens to feed (a new prompt,
 an output block) in one left-padded forward, running a prefix that fresh rows share only once,
 and (4) steps every other live row by one token; a row paused on its code idles in its slot
-while the others decode. On CUDA the one-token step is a CUDA graph per batch-width bucket; on a
+(by default, `lockstep`, the next forward waits for its output). On CUDA the one-token step is a CUDA graph per batch-width bucket; on a
 CPU every linear layer runs on weights prepacked for oneDNN's kernel (`packed_linears`).
 Prompt i draws from its own counter-based random stream keyed by (seed, i), so which rows step
 together (the sandbox's timing, the batch width) cannot change its tokens.

@@ -11,7 +11,7 @@ kind, not a template):
             (multi-digit products, sums of several numbers, powers, remainders)
   easy      reasoning in words is right (single-digit arithmetic, counting in a short story)
   hard      beyond the 135M model either way (prime counts, divisor counts, big gcd/lcm,
-            modular powers): off by default, `builtin:train+hard` / `--kinds` turn them on
+            modular powers): off by default, `builtin:train+hard` adds them (`+only-hard`: them alone)
 
 `python task.py --measure` prints, for an untrained model, q_hat(cot) and q_hat(code) per
 kind (K prefix-forced rollouts each, the E-step's own estimate) and the native code rate; the
