@@ -209,10 +209,10 @@ def memory_plan(s, world=1, dtype="bf16", micro_batch=4, prompt_len=200, new_tok
     # dtype, and one chunk of 256 positions log-softmaxed in fp32 (model.sequence_logprobs)
     logits = micro_batch * (new_tokens + 8) * V * 3 * c + 256 * V * 12
     p["activations"] = tokens * per_token + logits
-    cap = max(64, 2 * prompt_len)                     # model.GrowingLayer: capacity doubles when full
-    while cap < prompt_len + 8 + new_tokens:
-        cap = 2 * (cap + 1)
-    p["kv_cache"] = sample_batch * cap * L * 2 * kv * c
+    # model.SlotCache: per row the prompt, the forcing prefix, the new tokens, one output block
+    # (model.sample's estimate: 400 // 2 + 48 tokens; longer outputs grow it) and a scratch column
+    columns = prompt_len + 8 + new_tokens + (400 // 2 + 48) + 1
+    p["kv_cache"] = sample_batch * columns * L * 2 * kv * c
     p["prefill_temp"] = sample_batch * prompt_len * 3 * c * i   # SwiGLU intermediates of the prompt forward
     state = p["weights"] + p["gradients"] + p["optimizer"]
     p["peak_training"] = state + max(p["compute_copy_training"] + p["activations"], p["optimizer_step_temp"])

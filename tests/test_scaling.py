@@ -37,9 +37,10 @@ def test_plan_against_the_measured_7b_run():
     """Issue 9 measured, 7B shape, one process, pure bf16, 4 queries x 4 rollouts (16 sampled
     together), 128 new tokens, micro-batch 2: peak 77 GiB, 14.7 GiB while sampling.
 
-    Sampling (first iteration): bf16 weights 14.19 GiB + the KV cache of 16 rows (the sampler's
-    buffer of 2 x the ~190-token prompt: 0.32 GiB) + the prompt forward's SwiGLU intermediates
-    (0.32 GiB) = 14.83 GiB, 0.9% over the 14.7 measured. Tolerance 5%.
+    Sampling (first iteration): bf16 weights 14.19 GiB + the KV cache of 16 rows (today's
+    model.SlotCache: prompt + prefix + new tokens + one output block, 575 columns, 0.49 GiB; the
+    sampler measured then held 2 x the ~190-token prompt, 0.32 GiB) + the prompt forward's SwiGLU
+    intermediates (0.32 GiB) = 15.00 GiB, 2% over the 14.7 measured. Tolerance 5%.
 
     Training: the largest moment is the first optimizer step: bf16 weights + gradients + the two
     AdamW moments created in that step + foreach AdamW's sqrt(v) buffer = 5 x 14.19 = 70.9 GiB.
