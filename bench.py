@@ -15,8 +15,12 @@ Both sides of each comparison decode greedily with EOS ignored (`min_new_tokens`
 generate), so they produce the same number of tokens and the tokens/s compare work, not luck.
 Both sides run in the same dtype on the same device. On CUDA the sampler's decode step is a
 replayed CUDA graph (captured inside each call, so its capture time is in its numbers).
+`--out FILE` also writes every measured row as a JSON line (rewritten whole, atomically, after
+each row, so an interrupted run keeps the rows it finished), each with the machine, device,
+dtype, model and commit it came from.
 """
 import argparse
+import json
 import os
 import statistics
 import subprocess
@@ -40,6 +44,28 @@ CODE_QUESTIONS = [f"What is {a}**{b} + {c}**{d}?" for a, b, c, d in
                   [(2, 20, 3, 7), (5, 9, 7, 6), (11, 5, 13, 4), (6, 8, 9, 5), (4, 11, 3, 12), (7, 7, 2, 30),
                    (12, 6, 5, 10), (3, 15, 8, 6)]
                   + [(2 + i % 11, 5 + 3 * i % 13, 3 + 5 * i % 7, 4 + 7 * i % 9) for i in range(24)]]
+
+
+ROWS, OUT, CONTEXT = [], None, {}
+
+
+def record(**row):
+    """Keep one measured row; with --out, rewrite the JSON-lines file with every row so far."""
+    ROWS.append(dict(CONTEXT, **row))
+    if OUT:
+        tmp = f"{OUT}.tmp"
+        with open(tmp, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in ROWS)
+        os.replace(tmp, OUT)
+
+
+def commit():
+    """The checkout's commit, "-dirty" if it has changes; None outside a git checkout."""
+    try:
+        return subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True,
+                              cwd=os.path.dirname(os.path.abspath(__file__)), timeout=10).stdout.strip() or None
+    except (OSError, subprocess.TimeoutExpired):
+        return None
 
 
 def timed(fn, device):
@@ -97,6 +123,9 @@ def bench_sampler(model, tok, batches, new_tokens):
         plain = f"{n / t_plain:>14.1f} {t_gen / t_plain:>5.2f}x" if cpu else f"{'-':>14} {'-':>6}"
         print(f"{b:>5} {n / t_gen:>15.1f} {plain} {n / t_ours:>12.1f} {t_gen / t_ours:>5.2f}x {same:>8}/{b} "
               f"{floor:>6.1f} {1000 * t_gen / new_tokens / floor:>5.2f}x")
+        record(bench="sampler", batch=b, new_tokens=new_tokens, generate_tok_s=n / t_gen,
+               plain_tok_s=n / t_plain if cpu else None, sample_tok_s=n / t_ours, ratio=t_gen / t_ours,
+               same_tokens=same, floor_ms=floor)
 
 
 def reencode_loop(model, tok, prompts, prefixes, max_new_tokens, max_code_calls=4, max_output_chars=400):
@@ -172,6 +201,8 @@ def bench_code(model, tok, n, new_tokens):
     print(f"re-encode loop: {t_ref:6.1f} s  {sampled / t_ref:6.1f} sampled tok/s")
     print(f"model.sample:   {t_ours:6.1f} s  {sampled / t_ours:6.1f} sampled tok/s   "
           f"ratio {t_ref / t_ours:.2f}x   identical rollouts {same}/{n}")
+    record(bench="code", prompts=n, new_tokens=new_tokens, code_calls=sum(len(o.code_calls) for o in outs),
+           reencode_s=t_ref, sample_s=t_ours, ratio=t_ref / t_ours, identical=same)
 
 
 def bench_continuous(model, tok, n, width, new_tokens):
@@ -192,6 +223,8 @@ def bench_continuous(model, tok, n, width, new_tokens):
     print(f"fixed chunks of {width}: {t_chunks:6.1f} s  {a / t_chunks:7.1f} sampled tok/s")
     print(f"continuous, width {width}: {t_cont:6.1f} s  {b / t_cont:7.1f} sampled tok/s   ratio {t_chunks / t_cont:.2f}x "
           f"(tokens/s ratio {(b / t_cont) / (a / t_chunks):.2f}x)")
+    record(bench="continuous", prompts=n, width=width, new_tokens=new_tokens, chunks_s=t_chunks,
+           chunks_tok_s=a / t_chunks, continuous_s=t_cont, continuous_tok_s=b / t_cont, ratio=t_chunks / t_cont)
 
 
 def bench_sandbox(reps):
@@ -220,12 +253,14 @@ def bench_sandbox(reps):
     print(f"{'cell':>12} {'p50 ms':>7} {'p50 back-to-back':>17} {'python -c ms':>13} {'ratio':>6}")
     for name, p50, b2b, fresh in rows:
         print(f"{name:>12} {p50:7.1f} {b2b:17.1f} {fresh:13.1f} {fresh / p50:5.1f}x")
+        record(bench="sandbox", cell=name, p50_ms=p50, back_to_back_ms=b2b, python_c_ms=fresh, ratio=fresh / p50)
     sandbox.run_batch([["pass"]] * (os.cpu_count() or 1))      # start one zygote per core
     batch = [[f"print(sum(range({i})))"] for i in range(64)]
     t = time.perf_counter()
     results = sandbox.run_batch(batch)
     dt = time.perf_counter() - t
     print(f"batch of 64 cells on {os.cpu_count()} cores: {64 / dt:.0f} cells/s, all ok: {all(r.ok for r in results)}")
+    record(bench="sandbox-batch", cells=64, cells_per_s=64 / dt, all_ok=all(r.ok for r in results))
 
 
 def main():
@@ -241,6 +276,7 @@ def main():
     ap.add_argument("--cb-prompts", type=int, default=256, help="prompts of the continuous-batching run")
     ap.add_argument("--cb-width", type=int, default=64, help="batch width of the continuous-batching run")
     ap.add_argument("--reps", type=int, default=50)
+    ap.add_argument("--out", help="also write every measured row to this JSON-lines file")
     args = ap.parse_args()
     args.what = args.what or ["all"]
     if set(args.what) - {"all", "sampler", "code", "continuous", "sandbox"}:
@@ -256,12 +292,21 @@ def main():
         ap.error(f"--device {args.device}: CUDA is not available on this machine")
     print(f"machine: {os.cpu_count()} cores, torch {torch.__version__}, threads {torch.get_num_threads()}, "
           f"cuda {torch.cuda.is_available()}")
+    global OUT
+    if args.out:
+        OUT = args.out
+        try:
+            open(OUT, "w").close()
+        except OSError as e:
+            ap.error(f"--out {OUT}: {e.strerror}")
+    CONTEXT.update(cores=os.cpu_count(), torch=torch.__version__, threads=torch.get_num_threads(), commit=commit())
     if {"all", "sandbox"} & set(args.what):
         bench_sandbox(args.reps)
     if {"all", "sampler", "code", "continuous"} & set(args.what):
         model, tok = M.load_model(args.model, args.dtype, args.device)
         name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
         print(f"model: {args.model} {args.dtype} on {args.device} ({name})")
+        CONTEXT.update(model=args.model, dtype=args.dtype, device=args.device, device_name=name)
         M.sample(model, tok, [M.chat_prompt(tok, "Hi")], max_new_tokens=2, code=False)     # warm up the kernels
         if {"all", "sampler"} & set(args.what):
             bench_sampler(model, tok, args.batches, args.new_tokens)

@@ -109,8 +109,8 @@ stage em-1proc 150 "$PYTHON" em_train.py --model "$SMALL" --device "$DEVICE" "${
 stage em-fsdp 150 "${TORCHRUN[@]}" em_train.py --fsdp --model "$SMALL" "${EM[@]}" --grad-ckpt --save-dtype bf16 \
     --out "$WORK/em-fsdp"
 stage em-offload 150 "${TORCHRUN[@]}" em_train.py --fsdp --cpu-offload --model "$SMALL" "${EM[@]}" --out "$WORK/em-offload"
-stage bench-0.5b 150 "$PYTHON" bench.py "${BENCH_SMALL[@]}" --model "$SMALL" --device "$DEVICE"
-stage bench-7b 120 "$PYTHON" bench.py "${BENCH_BIG[@]}" --model "$BIG" --device "$DEVICE"
+stage bench-0.5b 150 "$PYTHON" bench.py "${BENCH_SMALL[@]}" --model "$SMALL" --device "$DEVICE" --out "$OUT/bench-0.5b.jsonl"
+stage bench-7b 120 "$PYTHON" bench.py "${BENCH_BIG[@]}" --model "$BIG" --device "$DEVICE" --out "$OUT/bench-7b.jsonl"
 stage plan 60 "$PYTHON" distributed.py --plan
 for run in em-1proc em-fsdp em-offload; do     # the metrics lines, for the record
     [ -f "$WORK/$run/metrics.jsonl" ] && cp "$WORK/$run/metrics.jsonl" "$OUT/$run.metrics.jsonl"

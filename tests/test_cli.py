@@ -2,6 +2,7 @@
 model or writes a file; offline or unknown model names fail in seconds; progress moves per
 decode step and its totals match what was sampled."""
 import http.server
+import json
 import os
 import socket
 import subprocess
@@ -343,6 +344,26 @@ def test_rl_rollouts_report_progress(fake_sampler, tok):
     T.native_records(None, tok, E.load_problems("builtin:train", limit=3), 2, args, seed=0)
     [bar] = fake_sampler
     assert bar.bar.n == bar.bar.total == 6 and len(bar.calls) == 3 * 2
+
+
+def test_bench_writes_each_measured_row_as_a_json_line(tmp_path, monkeypatch, capsys):
+    """--out: one JSON line per printed row, with the context a reader needs to compare runs,
+    and the ratios equal to the times they come from."""
+    out = tmp_path / "bench.jsonl"
+    for name, fresh in (("ROWS", []), ("OUT", None), ("CONTEXT", {})):
+        monkeypatch.setattr(bench, name, fresh)
+    monkeypatch.setattr(sys, "argv", ["bench.py", "sampler", "continuous", "--model", "tiny", "--batches", "1", "2",
+                                      "--new-tokens", "3", "--cb-prompts", "3", "--cb-width", "2", "--out", str(out)])
+    bench.main()
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(r["bench"], r.get("batch")) for r in rows] == [("sampler", 1), ("sampler", 2), ("continuous", None)]
+    assert all(r["model"] == "tiny" and r["device"] == "cpu" and r["dtype"] == "fp32" and r["cores"] for r in rows)
+    for r in rows[:2]:
+        assert r["ratio"] == pytest.approx(r["sample_tok_s"] / r["generate_tok_s"])
+        assert r["same_tokens"] <= r["batch"] and r["plain_tok_s"] > 0 and r["floor_ms"] > 0
+    assert rows[2]["ratio"] == pytest.approx(rows[2]["chunks_s"] / rows[2]["continuous_s"])
+    assert "sampler vs generate" in capsys.readouterr().out
+    assert not os.path.exists(f"{out}.tmp")
 
 
 def test_bench_matmul_floor_reads_every_linear_weight_once_per_step(tiny):
