@@ -70,9 +70,13 @@ bounds are the per-process RLIMIT_AS and RLIMIT_NPROC.
 
 FALLBACK. Isolation needs root (CAP_SYS_ADMIN) and namespaces. AUTOCODE_SANDBOX_NAMESPACES=0,
 or a machine that does not allow them, gives the fallback. As root it is refused (run_cells
-raises RuntimeError) unless AUTOCODE_SANDBOX_ROOT_FALLBACK=1, which the tests set: cells then
-run as root with every capability dropped, the same rights as a non-root user running its own
-code, which is what the fallback is for. The fallback still does: a scrubbed environment, a
+raises RuntimeError) unless AUTOCODE_SANDBOX_ROOT_FALLBACK=1, which the tests set. Cells then
+run as their sandbox's drawn host uid (as in the namespaced mode), with no capabilities, where
+users other than root may enter the interpreter's directories; where they may not (a pyenv
+under /root, mode 700: an unprivileged cell could import nothing new), as uid 0 with every
+capability dropped, which still owns root's files (FALLBACK_GAPS says what that lets a cell
+do). AUTOCODE_SANDBOX_FALLBACK_UID=1 takes the drawn uid there too (cells then import only what
+the zygote imported and what other users can read), =0 keeps uid 0. The fallback still does: a scrubbed environment, a
 fresh session keyring, no capabilities, no_new_privs, the seccomp filter, resource limits, a
 supervisor that is a child subreaper and kills every descendant of the request (setsid or
 setpgid children too) plus everything in its cgroup (cgroups only as root), a scratch
@@ -149,6 +153,9 @@ FALLBACK_GAPS = (
     "(only the sandbox's own processes are non-dumpable)",
     "device nodes the user may open stay writable",
     "without root no cgroup: memory is bounded per process and RLIMIT_NPROC counts every process of the user",
+    "as root where other users cannot enter the interpreter's directories (or AUTOCODE_SANDBOX_FALLBACK_UID=0): "
+    "cells are uid 0 without capabilities, which owns root's files: a cell can write them, lift its cgroup's "
+    "limits or leave the cgroup (RLIMIT_NPROC does not bind uid 0), and write into another rollout's processes",
 )
 # imported in the zygote so cells get them for free (forked, not loaded)
 WARM_IMPORTS = ("math", "cmath", "fractions", "decimal", "itertools", "functools", "collections",
@@ -529,6 +536,17 @@ def _interpreter_dirs():
     return sorted({os.path.realpath(d) for d in dirs if d and os.path.isdir(d)})
 
 
+def _others_can_enter(dirs):
+    """Whether a user that owns none of them may enter each of `dirs` and every directory above
+    it: then a cell that is not root still imports from the interpreter's libraries without the
+    mount namespace that _expose_interpreter needs."""
+    for d in dirs:
+        parts = d.split("/")
+        if any(not os.stat("/".join(parts[:i])).st_mode & 0o001 for i in range(2, len(parts) + 1)):
+            return False
+    return True
+
+
 def _expose_interpreter():
     """The cell, as SANDBOX_ID, must still reach the interpreter and its libraries. Where one
     sits below a directory other users cannot enter (a pyenv in /root, mode 700), that
@@ -671,8 +689,10 @@ def _userns_restricted(path="/proc/sys/kernel/apparmor_restrict_unprivileged_use
 
 def _become_nobody(sb, to_w_r, from_w_w):
     """Namespaced: a user namespace of its own mapping only SANDBOX_ID (to sb.host_uid on the
-    host), then that uid and gid, no capabilities. Fallback: no capabilities (as root, that is
-    a plain user's rights)."""
+    host), then that uid and gid, no capabilities. Root fallback (_FALLBACK_UID): sb.host_uid
+    itself, no capabilities; uid 0 without capabilities still owned root's files, the cgroup's
+    limits and cgroup.procs among them, and RLIMIT_NPROC does not bind it. Otherwise: the
+    caller's uid, no capabilities."""
     if sb.isolated:
         # Created as the sandbox's own host uid, not root: whatever the cell then makes in it
         # (pending signals, which the standard signals add to past RLIMIT_SIGPENDING) is also
@@ -694,13 +714,14 @@ def _become_nobody(sb, to_w_r, from_w_w):
     if os.read(to_w_r, 1) != b"g":
         os._exit(0)                                   # the sandbox was discarded
     os.close(from_w_w)
-    if sb.isolated:
+    if sb.isolated or _FALLBACK_UID:
+        uid = SANDBOX_ID if sb.isolated else sb.host_uid
         os.setgroups([])
-        os.setresgid(SANDBOX_ID, SANDBOX_ID, SANDBOX_ID)
+        os.setresgid(uid, uid, uid)
         for cap in range(64):                         # the bounding set needs CAP_SETPCAP: first
             if _libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) != 0:
                 break
-        os.setresuid(SANDBOX_ID, SANDBOX_ID, SANDBOX_ID)
+        os.setresuid(uid, uid, uid)
     _drop_capabilities()
     _join_fresh_session_keyring()
 
@@ -902,7 +923,9 @@ class _Sandbox:
         self.out_r, self.out_w = os.pipe()            # W -> G: the output
         self.report_r, self.report_w = os.pipe()      # W -> G: cell index, exception (untrusted)
         self.scratch = tempfile.mkdtemp(prefix=f"autocode-sandbox-{zygote_pid}-", dir=SCRATCH_PARENT)
-        self.host_uid = _host_uid()                   # namespaced: what the cell is on the host
+        self.host_uid = _host_uid()                   # what the cell is on the host (namespaced, or _FALLBACK_UID)
+        if _FALLBACK_UID:
+            os.chown(self.scratch, self.host_uid, self.host_uid)
         self.r = None
 
 
@@ -1089,12 +1112,13 @@ def _probe_isolation(bases):
 
 
 _USERNS_AS_ROOT = False
+_FALLBACK_UID = False       # the root fallback's cells run as their sandbox's host uid (serve decides)
 
 
-def serve(namespaces=True, root_fallback=False, userns_as_root=False):
+def serve(namespaces=True, root_fallback=False, userns_as_root=False, fallback_uid="auto"):
     """Zygote main loop: each request line on stdin is read, and answered on stdout, by a
     supervisor forked before it came."""
-    global _USERNS_AS_ROOT
+    global _USERNS_AS_ROOT, _FALLBACK_UID
     _USERNS_AS_ROOT = userns_as_root
     for name in WARM_IMPORTS:
         try:
@@ -1119,7 +1143,9 @@ def serve(namespaces=True, root_fallback=False, userns_as_root=False):
             if bases["version"] == 2:
                 _write(f"{b}/autocode-{os.getpid()}/cgroup.subtree_control", "+memory +pids")
     isolated = namespaces and os.geteuid() == 0 and _probe_isolation(bases)
-    hello = {"ready": True, "isolated": isolated, "cgroup": bases and bases["version"]}
+    _FALLBACK_UID = not isolated and os.geteuid() == 0 and root_fallback and \
+        (fallback_uid == "always" or fallback_uid == "auto" and _others_can_enter(_interpreter_dirs()))
+    hello = {"ready": True, "isolated": isolated, "cgroup": bases and bases["version"], "fallback_uid": _FALLBACK_UID}
     if not isolated and os.geteuid() == 0 and not root_fallback:
         hello = {"refused": "sandbox: running as root without namespaces "
                             f"({'turned off' if not namespaces else 'not available here'}); cells would run "
@@ -1184,6 +1210,8 @@ class _Zygote:
             flags.append("--root-fallback")
         if os.environ.get("AUTOCODE_SANDBOX_USERNS_AS_ROOT", "0") == "1":
             flags.append("--userns-as-root")
+        flags.append("--fallback-uid=" + {"1": "always", "0": "never"}.get(
+            os.environ.get("AUTOCODE_SANDBOX_FALLBACK_UID", ""), "auto"))
         self.proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--serve", *flags],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      env=dict(SAFE_ENV, **{TAG: str(os.getpid())}),
@@ -1195,6 +1223,7 @@ class _Zygote:
             self.close()
             raise SandboxRefused(hello["refused"])
         self.isolated, self.cgroup, self.dead = hello["isolated"], hello["cgroup"], False
+        self.fallback_uid = hello["fallback_uid"]
 
     def _read_line(self, deadline):
         """One line from the zygote by `deadline`, else None; b"" if it died."""
@@ -1352,22 +1381,22 @@ def run_batch(batch, workers=None, **limits):
 
 
 SELFTEST_PROBE = r"""
-import ctypes, json, os, resource, socket
+import ctypes, json, os, resource
 libc = ctypes.CDLL(None, use_errno=True)
 new_uts = libc.unshare(0x04000000) == 0
 status = dict(line.split(":", 1) for line in open("/proc/self/status").read().splitlines())
-writable = 0
+writable = []                                    # opened for writing (never written: a probe)
 for root, _, files in os.walk("/proc/sys"):
     for name in files:
         try:
             os.close(os.open(os.path.join(root, name), os.O_WRONLY))
-            writable += 1
+            writable.append(os.path.join(root, name)[10:])
         except OSError:
             pass
 print(json.dumps({"uid": os.getuid(), "gid": os.getgid(), "cap_eff": status["CapEff"].strip(),
                   "cap_bnd": status["CapBnd"].strip(), "nnp": status["NoNewPrivs"].strip(),
                   "ns": {n: os.readlink("/proc/self/ns/" + n) for n in NAMESPACES},
-                  "hostname": socket.gethostname(), "proc_sys_writable": writable, "cwd": os.getcwd(),
+                  "hostname": os.uname().nodename, "proc_sys_writable": writable, "cwd": os.getcwd(),
                   "mounts": [line.split()[:6] for line in open("/proc/self/mountinfo")],
                   "dev": sorted(os.listdir("/dev")), "nproc": resource.getrlimit(resource.RLIMIT_NPROC)[0],
                   "seccomp": status["Seccomp"].strip(), "new_namespace": new_uts}))
@@ -1402,7 +1431,7 @@ def selftest():
         z = _acquire()
         _idle.put(z)
         res = run_cells([SELFTEST_PROBE.replace("NAMESPACES", repr(NAMESPACES))], timeout=60)
-        facts = json.loads(res.output)
+        facts = json.loads(res.output) if res.ok else print(f"the probe failed: {res.error}")
     except SandboxRefused as e:
         print(f"refused: {e}")
         z, facts = None, None
@@ -1417,7 +1446,8 @@ def selftest():
             ("no new namespaces, mounts, inotify, file locks, keys (seccomp)", facts["seccomp"] == "2" and not facts["new_namespace"],
              "" if SECCOMP_SYSCALLS else f"no filter for {platform.machine()}"),
             ("every mount read-only, nodev, nosuid", not bad, "still open: " + ", ".join(bad) if bad else ""),
-            ("/proc/sys read-only", facts["proc_sys_writable"] == 0, f"{facts['proc_sys_writable']} files writable"),
+            ("/proc/sys read-only", not facts["proc_sys_writable"], f"{len(facts['proc_sys_writable'])} open for writing"
+             + (": " + ", ".join(facts["proc_sys_writable"][:3]) if facts["proc_sys_writable"] else "")),
             ("minimal /dev", set(facts["dev"]) <= set(HARMLESS_DEVICES) | {"fd", "stdin", "stdout", "stderr", "shm"},
              " ".join(facts["dev"]) if len(facts["dev"]) < 15 else f"{len(facts['dev'])} entries"),
             ("own hostname", facts["hostname"] != platform.node(), facts["hostname"]),
@@ -1427,8 +1457,10 @@ def selftest():
             ("caller's own deadline (cells x timeout + %g s)" % CLIENT_GRACE, True, "structural"),
             ("no request data in the zygote when a worker forks", True, "structural"),
         ]
+        cells = "" if z.isolated or os.geteuid() != 0 else \
+            ", cells as a drawn uid" if z.fallback_uid else ", cells as uid 0 without capabilities"
         print(f"mode: {'namespaces' if z.isolated else 'FALLBACK (no namespaces)'}, running as "
-              f"{'root' if os.geteuid() == 0 else 'uid %d' % os.geteuid()}")
+              f"{'root' if os.geteuid() == 0 else 'uid %d' % os.geteuid()}{cells}")
         for name, on, note in rows:
             print(f"  {'on ' if on else 'OFF'}  {name}" + (f"  ({note})" if note else ""))
     print("the fallback (" + ("IN USE here" if facts and not z.isolated else "not in use here") +
@@ -1444,12 +1476,13 @@ def main():
     ap.add_argument("--no-namespaces", dest="namespaces", action="store_false", help=argparse.SUPPRESS)
     ap.add_argument("--root-fallback", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--userns-as-root", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--fallback-uid", choices=["auto", "always", "never"], default="auto", help=argparse.SUPPRESS)
     ap.add_argument("--selftest", action="store_true", help="measure, from inside a sandbox, each protection")
     for k, v in DEFAULTS.items():
         ap.add_argument("--" + k.replace("_", "-"), type=type(v), default=v)
     args = ap.parse_args()
     if args.serve:
-        return serve(args.namespaces, args.root_fallback, args.userns_as_root)
+        return serve(args.namespaces, args.root_fallback, args.userns_as_root, args.fallback_uid)
     if args.selftest:
         return selftest()
     limits = {k: getattr(args, k) for k in DEFAULTS}

@@ -207,8 +207,9 @@ def test_cli(capsys):
 
 @pytest.fixture(scope="module")
 def fallback():
-    """The sandbox without namespaces, as a non-root user gets it (as root: every capability
-    dropped, which the explicit AUTOCODE_SANDBOX_ROOT_FALLBACK=1 accepts)."""
+    """The sandbox without namespaces, as a non-root user gets it (as root, which needs the
+    explicit AUTOCODE_SANDBOX_ROOT_FALLBACK=1: the cells as a drawn uid where other users can
+    reach the interpreter, else as uid 0 without capabilities)."""
     os.environ["AUTOCODE_SANDBOX_NAMESPACES"] = "0"
     os.environ["AUTOCODE_SANDBOX_ROOT_FALLBACK"] = "1"
     sandbox.shutdown()
@@ -230,3 +231,33 @@ def test_fallback_removes_its_directory(fallback):
     while os.path.exists(res.output.strip()) and time.monotonic() < end:
         time.sleep(0.02)
     assert res.ok and not os.path.exists(res.output.strip())
+
+
+def test_others_can_enter_only_where_every_directory_above_lets_them():
+    import tempfile
+    top = tempfile.mkdtemp(dir="/tmp")                # /tmp: anyone may enter
+    inner = os.path.join(top, "lib", "python")
+    os.makedirs(inner)
+    try:
+        os.chmod(top, 0o755)
+        assert sandbox._others_can_enter([inner, "/usr"])
+        os.chmod(top, 0o700)                          # a pyenv under /root
+        assert not sandbox._others_can_enter([inner]) and not sandbox._others_can_enter(["/usr", inner])
+    finally:
+        os.chmod(top, 0o700)
+        import shutil
+        shutil.rmtree(top)
+
+
+def test_root_fallback_cells_take_a_drawn_uid_where_the_interpreter_is_reachable(fallback):
+    """By default (AUTOCODE_SANDBOX_FALLBACK_UID unset) the root fallback's cells run as a drawn
+    uid exactly where other users can reach the interpreter, else as uid 0 (FALLBACK_GAPS)."""
+    if os.geteuid() != 0:
+        pytest.skip("only root can run the cells as another uid")
+    z = sandbox._acquire()
+    sandbox._idle.put(z)
+    reachable = sandbox._others_can_enter(sandbox._interpreter_dirs())
+    uid = int(sandbox.run_cells(["import os\nprint(os.getuid())"]).output)
+    lo, hi = sandbox.HOST_UID_RANGE
+    assert z.fallback_uid is reachable
+    assert (lo <= uid < hi or uid == sandbox.SANDBOX_ID) if reachable else uid == 0
