@@ -115,7 +115,7 @@ import secrets
 import select
 import selectors
 import signal
-import shutil
+import stat
 import struct
 import subprocess
 import sys
@@ -492,13 +492,61 @@ def _rmdir_retry(d, seconds=0.5):
             time.sleep(0.005)
 
 
+def remove_scratch(path, patience=2.0):
+    """Remove a directory a cell could write, whatever it left there. shutil.rmtree was not
+    enough (attacks in tests/test_sandbox_attacks.py): a FIFO in place of the directory blocked
+    its open for good (the supervisor, then every zygote's startup sweep), and a tree 1,500
+    levels deep raised RecursionError past ignore_errors. So: no link is followed, no
+    non-directory is opened, a directory is opened non-blocking, and subdirectories are not
+    recursed into: their entries are renamed up into the top directory, so at most two
+    descriptors are open at any depth. Gives up after `patience` s (something still writing)."""
+    flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+    try:
+        if not stat.S_ISDIR(os.lstat(path).st_mode):
+            os.unlink(path)
+            return
+        top = os.open(path, flags)
+    except OSError:
+        return
+    tag, moved, last, end = secrets.token_hex(8), 0, None, time.monotonic() + patience
+    try:
+        while time.monotonic() < end:
+            names = os.listdir(top)
+            if not names:
+                break
+            if names == last:
+                time.sleep(0.01)                      # no progress: something holds an entry
+            last = names
+            for name in names:
+                try:
+                    if not stat.S_ISDIR(os.stat(name, dir_fd=top, follow_symlinks=False).st_mode):
+                        os.unlink(name, dir_fd=top)
+                        continue
+                    sub = os.open(name, flags, dir_fd=top)
+                    try:
+                        for child in os.listdir(sub):
+                            moved += 1
+                            os.rename(child, f".{tag}-{moved}", src_dir_fd=sub, dst_dir_fd=top)
+                    finally:
+                        os.close(sub)
+                    os.rmdir(name, dir_fd=top)
+                except OSError:
+                    pass                              # gone meanwhile, or still busy: next pass
+    finally:
+        os.close(top)
+    try:
+        os.rmdir(path)
+    except OSError:
+        pass
+
+
 def sweep_cgroups(only_pid=None, patience=0.5):
     """Kill what is left in, and remove, the cgroups and scratch directories of zygotes that are
     gone (or of `only_pid`). A cgroup still busy after `patience` s is left for the next sweep."""
     for name in os.listdir(SCRATCH_PARENT):          # a supervisor killed before its cleanup
         m = re.fullmatch(r"autocode-sandbox-(\d+)-\w+", name)
         if m and (int(m.group(1)) == only_pid if only_pid is not None else not os.path.exists(f"/proc/{m.group(1)}")):
-            shutil.rmtree(f"{SCRATCH_PARENT}/{name}", ignore_errors=True)
+            remove_scratch(f"{SCRATCH_PARENT}/{name}")
     bases = _cgroup_bases()
     for base in bases["dirs"] if bases else []:
         for name in os.listdir(base):
@@ -986,7 +1034,7 @@ def _cleanup(sb):
     _kill_descendants()                               # fallback: every orphan came back to G
     if sb.cgroup:
         sb.cgroup.remove()
-    shutil.rmtree(sb.scratch, ignore_errors=True)
+    remove_scratch(sb.scratch)
 
 
 def _watch(req, sb):

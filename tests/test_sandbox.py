@@ -261,3 +261,30 @@ def test_root_fallback_cells_take_a_drawn_uid_where_the_interpreter_is_reachable
     lo, hi = sandbox.HOST_UID_RANGE
     assert z.fallback_uid is reachable
     assert (lo <= uid < hi or uid == sandbox.SANDBOX_ID) if reachable else uid == 0
+
+
+def test_remove_scratch_survives_what_a_cell_can_leave(tmp_path):
+    """A tree 3,000 levels deep (past Python's recursion and PATH_MAX), FIFOs (opening one
+    blocks), links out of it (their targets stay), and a FIFO or a link in place of the
+    directory itself."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "keep").write_text("x")
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    os.mkfifo(scratch / "fifo")
+    os.symlink(outside, scratch / "link")
+    fd = os.open(scratch, os.O_RDONLY)
+    for _ in range(3000):
+        os.mkdir("a", dir_fd=fd)
+        fd, old = os.open("a", os.O_RDONLY, dir_fd=fd), fd
+        os.close(old)
+    os.mkfifo("fifo", dir_fd=fd)
+    os.symlink(outside, "link", dir_fd=fd)
+    os.close(fd)
+    sandbox.remove_scratch(str(scratch))
+    assert not os.path.lexists(scratch) and os.listdir(outside) == ["keep"]
+    for make in (os.mkfifo, lambda p: os.symlink(outside, p)):
+        make(scratch)
+        sandbox.remove_scratch(str(scratch))
+        assert not os.path.lexists(scratch) and os.listdir(outside) == ["keep"]

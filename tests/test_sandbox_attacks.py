@@ -4,7 +4,8 @@ AUTOCODE_SANDBOX_ROOT_FALLBACK=1), with the cells as uid 0 without capabilities;
 fallback with the cells as a drawn uid. Rows marked "ns" are guarantees the fallback documents
 it does not give (sandbox.FALLBACK_GAPS), some of which the drawn uid gives back. Each test
 fails on the sandbox of issue 10; the three rows on cgroups, a stopped supervisor and another
-rollout's output fail on the root fallback as uid 0 (checked).
+rollout's output fail on the root fallback as uid 0, and the scratch rows on shutil.rmtree in
+both fallbacks (checked).
 
 Leftover processes are looked for only among what the sandbox started for this test process
 (test_sandbox.leftovers) or by a marker the attacking cell put in its own process name."""
@@ -402,6 +403,37 @@ def test_a_cell_that_leaves_its_cgroup_and_stops_its_supervisors_leaves_no_proce
     assert res.ok is False and res.error.startswith("Timeout") and dt <= T + GRACE + 1, res
     assert gone(name)
     still_works()
+
+
+def shuts_down_in_time(seconds=10):
+    done = threading.Event()
+    threading.Thread(target=lambda: (sandbox.shutdown(), done.set()), daemon=True).start()
+    return done.wait(seconds)
+
+
+@pytest.mark.parametrize("attack", ["fifo", "deep"])
+def test_what_a_cell_leaves_in_its_scratch_does_not_stop_the_cleanup(mode, attack):
+    """Fallback: the cell owns its scratch directory. Moved away with a FIFO in its place, the
+    supervisor's rmtree blocked opening the FIFO for good, then the caller's shutdown, then
+    every zygote's startup sweep; a tree 1,500 levels deep raised RecursionError in the
+    cleanup and then in every zygote's startup, so no sandbox started again. (Namespaces: the
+    scratch is a private tmpfs; the same cells must change nothing either.)"""
+    cell = {"fifo": "import os\ns = os.getcwd()\nprint(s)\nos.chdir('/')\nos.rename(s, s + '-moved')\nos.mkfifo(s)",
+            "deep": "import os\ns = os.getcwd()\nprint(s)\nfor _ in range(1500):\n    os.mkdir('a')\n"
+                    "    os.chdir('a')"}[attack]
+    res, _ = timed([cell], timeout=5)
+    scratch = res.output.split("\n")[0]
+    try:
+        end = time.monotonic() + 3
+        while os.path.lexists(scratch) and time.monotonic() < end:
+            time.sleep(0.05)
+        assert not os.path.lexists(scratch), (res, os.listdir(os.path.dirname(scratch)) if scratch else None)
+        still_works()
+        assert shuts_down_in_time(), "sandbox.shutdown() hung"
+        still_works()                                  # a fresh zygote starts and sweeps
+    finally:                                           # what the cell left, if the sandbox did not remove it
+        for path in (scratch, scratch + "-moved"):     # (-moved: "writes anywhere the user can write")
+            sandbox.remove_scratch(path)
 
 
 def test_memory_is_bounded_for_the_whole_sandbox(mode):
