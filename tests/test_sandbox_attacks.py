@@ -401,7 +401,7 @@ def test_a_cell_that_leaves_its_cgroup_and_stops_its_supervisors_leaves_no_proce
             "        except OSError:\n            pass\n    time.sleep(8)\n    os._exit(0)\nwhile True: pass")
     res, dt = timed([code])
     assert res.ok is False and res.error.startswith("Timeout") and dt <= T + GRACE + 1, res
-    assert gone(name)
+    assert gone(name, seconds=3)                      # the sandbox's teardown, on a loaded machine
     still_works()
 
 
