@@ -6,8 +6,9 @@ Contract (model.py, evaluate.py and the tests rely on exactly this):
       names defined by earlier ones. `output` is what the LAST block printed (stdout and
       stderr, head + tail kept past `max_output` bytes); if the last block ends in a bare
       expression its value is printed, as in a notebook. `ok` means the last block finished
-      without exception, timeout or crash; `error` is one short line or None.
-      A block that times out resets the state: later blocks run in a fresh interpreter and
+      without exception, timeout or crash; `error` is one short line or None. An earlier
+      block's exception, exit() or sys.exit() ends that block only. A block that times out
+      resets the state: later blocks run in a fresh interpreter and
       their output starts with a note saying so. A bad limit (timeout nan, inf, 0, over 600 s;
       a non-positive memory_mb, ...) raises ValueError before anything runs.
   run_batch(list_of_cell_lists, workers=os.cpu_count(), ...) -> list[Result], order kept.
@@ -826,9 +827,9 @@ def _run_cells(cells, out_w, report_w):
         os.dup2(out_w if last else null, 1)           # only the last cell's output is shown
         os.dup2(out_w if last else null, 2)
         _report(report_w, {"cell": i})
+        # an earlier block's exception, exit() or sys.exit() included, ends that block only, as
+        # in a notebook: stopping there made every later block of the solution "ok" unrun
         error = _run_cell(cell, scope, f"<cell {i + 1}>", show_last=last)
-        if error is not None and last or isinstance(error, SystemExit):
-            break
     sys.stdout.flush()
     sys.stderr.flush()
     code = 0
@@ -916,13 +917,21 @@ class _Report:
 
     def __init__(self, n):
         self.n, self.cell, self.error, self.setup, self.tampered, self.buf = n, -1, None, None, False, b""
+        self.lines = 0
 
     def add(self, data):
-        """Returns True when a new cell has started."""
+        """Returns True when a new cell has started. W writes one line per cell and one error
+        or setup line: past that, or once anything is malformed, the rest is not parsed (a cell
+        that wrote a megabyte of empty lines kept G parsing for seconds past the caller's
+        deadline, and a cell that had finished in time was reported as a timeout)."""
+        if self.tampered:
+            return False
         self.buf += data
         *lines, self.buf = self.buf.split(b"\n")
-        if len(self.buf) > 1024:
+        self.lines += len(lines)
+        if len(self.buf) > 1024 or self.lines > self.n + 1:
             self.tampered, self.buf = True, b""
+            return False
         started = False
         for line in lines:
             try:

@@ -114,6 +114,9 @@ CASES = [
     ("earlier output hidden", ["print('hidden')", "print('shown')"], True, None, "shown", 1),
     ("last expression shown", ["a = 2", "a ** 10"], True, None, "1024", 1),
     ("earlier error keeps state", ["z = 1\n1/0", "print(z)"], True, None, "1", 1),
+    # an earlier block's exit ends that block only: the later blocks ran as "ok" unrun before
+    ("earlier exit() ends its block", ["z = 1\nexit()", "print(z + 1)"], True, None, "2", 1),
+    ("earlier sys.exit(3), later error", ["import sys\nsys.exit(3)", "1/0"], False, "ZeroDivisionError", None, 1),
     ("timeout resets state", ["a = 1", "while True: pass", "print(a)"], False, "NameError", "timed out", T + 1.5),
     ("the note counts every block", ["a = 1", "while True: pass", "b = 2", "while True: pass", "print(b)"], False,
      "NameError", "(block 4 timed out", 2 * T + 2.5),

@@ -143,6 +143,19 @@ def test_malformed_report_is_a_failed_result_not_a_crash(mode):
     still_works()
 
 
+def test_a_flood_of_empty_report_lines_is_not_a_false_timeout(mode):
+    """A cell that finished in time but first wrote 1 MB of empty lines to every pipe it held:
+    G parsed each line of the report channel (~3 us each) and answered seconds past the
+    caller's deadline, which reported a timeout and killed the zygote."""
+    res, dt = timed([f"import os, fcntl{OTHER_FDS}for fd in fds:\n    try:\n"
+                     "        fcntl.fcntl(fd, 1031, 1 << 20)\n        os.set_blocking(fd, False)\n"
+                     "        for _ in range(16):\n            os.write(fd, b'\\n' * 65536)\n"
+                     "    except OSError:\n        pass\nprint('done')"])    # 1031: F_SETPIPE_SZ
+    assert dt <= T + GRACE / 2 and not (res.error or "").startswith("Timeout"), (res, dt)
+    assert res.ok is False, res                         # a tampered report: a failed result
+    still_works()
+
+
 def test_forged_exit_leaves_no_process_and_no_directory(mode):
     name = marker()
     code = (f"import os, subprocess{OTHER_FDS}"
