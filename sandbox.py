@@ -8,9 +8,9 @@ Contract (model.py, evaluate.py and the tests rely on exactly this):
       expression its value is printed, as in a notebook. `ok` means the last block finished
       without exception, timeout or crash; `error` is one short line or None. An earlier
       block's exception, exit() or sys.exit() ends that block only. A block that times out
-      resets the state: later blocks run in a fresh interpreter and
-      their output starts with a note saying so. A bad limit (timeout nan, inf, 0, over 600 s;
-      a non-positive memory_mb, ...) raises ValueError before anything runs.
+      resets the state: later blocks run in a fresh interpreter and their output starts with
+      a note saying so. A bad limit (timeout nan, inf, 0, over 600 s; a non-positive
+      memory_mb, ...) raises ValueError before anything runs.
   run_batch(list_of_cell_lists, workers=os.cpu_count(), ...) -> list[Result], order kept.
   python sandbox.py -c "print(1+1)"         # a quick manual try
   python sandbox.py --selftest              # measure, from inside a sandbox, each protection
@@ -77,13 +77,13 @@ users other than root may enter the interpreter's directories; where they may no
 under /root, mode 700: an unprivileged cell could import nothing new), as uid 0 with every
 capability dropped, which still owns root's files (FALLBACK_GAPS says what that lets a cell
 do). AUTOCODE_SANDBOX_FALLBACK_UID=1 takes the drawn uid there too (cells then import only what
-the zygote imported and what other users can read), =0 keeps uid 0. The fallback still does: a scrubbed environment, a
-fresh session keyring, no capabilities, no_new_privs, the seccomp filter, resource limits, a
-supervisor that is a child subreaper and kills every descendant of the request (setsid or
-setpgid children too) plus everything in its cgroup (cgroups only as root), a scratch
-directory removed afterwards, the sandbox's own processes non-dumpable (their /proc/<pid>/mem,
-environ and fd are closed to the cell), the same untrusted-report rules and the caller's
-deadline. FALLBACK_GAPS lists what it does NOT protect; `--selftest` prints it.
+the zygote imported and what other users can read), =0 keeps uid 0. The fallback still does:
+a scrubbed environment, a fresh session keyring, no capabilities, no_new_privs, the seccomp
+filter, resource limits, a supervisor that is a child subreaper and kills every descendant of
+the request (setsid or setpgid children too) plus everything in its cgroup (cgroups only as
+root), a scratch directory removed afterwards (remove_scratch), the sandbox's own processes
+non-dumpable (their /proc/<pid>/mem, environ and fd are closed to the cell), the same
+untrusted-report rules and the caller's deadline. FALLBACK_GAPS lists what it does NOT protect; `--selftest` prints it.
 
 Never protected against, in either mode: reading world-readable files (keep secrets off the
 machine that runs rollouts, or at least not world-readable), a unix socket that any user may
