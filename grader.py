@@ -2,13 +2,16 @@
 
 Contract:
   extract_answer(text) -> str | None
-      The content of the LAST \\boxed{...} (nested braces), also `\\boxed 5` and \\fbox{...},
-      looked for only outside ```output blocks (execution output is not the model's answer).
-      An unbalanced box is no answer.
+      The content of the LAST non-empty \\boxed{...} (nested braces), also `\\boxed 5`,
+      `\\boxed B` and \\fbox{...}, looked for only outside ```output blocks (execution output is
+      not the model's answer). An unbalanced box is no answer; an empty one (an echoed
+      instruction) and a bare \\boxed before a word are not answers.
   is_equiv(pred, ref, numeric=False) -> bool
       numeric=True (GSM8K, AIME, AMC, the built-in task): both must be plain numbers (after
-      removing $, thousands separators, \\text{units}); compared exactly (18.00 == 18,
-      033 == 33), no tolerance, no percent fallback, no last-number fallback.
+      removing $, thousands separators, spacing, bold, degrees, units at the end); compared
+      exactly as fractions (18.00 == 18, 033 == 33), no tolerance, no percent fallback, no
+      last-number fallback; an expression without words (2^{10}, 1.8\\times10^1) goes to the
+      MATH comparison below.
       numeric=False (MATH): math-verify under a thin normalisation layer for its known misses
       (thin spaces and {,} thousands separators, Unicode minus, \\fbox, text answers compared
       as words rather than as products of symbols).
@@ -16,7 +19,9 @@ Contract:
       whose fixed rounding calls 1/2^60 and 1/2^61 equal: if both are exact (integers,
       rationals, powers, factorials, surds, pi) sympy decides exactly; if either is written as
       a decimal (an inexact value) they must agree to a relative REL_TOL. Never an absolute
-      tolerance, so tiny and huge magnitudes are compared as carefully as 1 and 2.
+      tolerance, so tiny and huge magnitudes are compared as carefully as 1 and 2. An infinite
+      or undefined value (\\infty, 1.0/0) equals only the same value: within a relative
+      tolerance it had matched every number, a reward any rollout could collect.
   Every comparison runs in a worker process under a hard time limit (math-verify's own
   signal-based timeout can hang and fails outside the main thread); on timeout the worker
   is killed and restarted, the verdict is False and `TIMEOUTS` counts it.
@@ -28,7 +33,8 @@ import re
 import subprocess
 import sys
 import threading
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal
+from fractions import Fraction
 
 TIME_LIMIT = 5.0
 REL_TOL = 1e-9          # decimals must agree to ~9 significant digits (3.14159 is not pi)
@@ -51,10 +57,14 @@ def extract_answer(text):
                 if depth == 0:
                     break
                 j += 1
-            best = text[i + 1:j].strip() if depth == 0 else None     # unbalanced: no answer
+            if depth:
+                best = None                                           # unbalanced: no answer
+            elif text[i + 1:j].strip():                               # an empty box (an echoed
+                best = text[i + 1:j].strip()                          # instruction) is none
         elif m.group(1) == "boxed" and text[m.start() + 6:m.end()].strip() == "" and m.end() > m.start() + 6:
-            tok = re.match(r"[^\s$]+", text[i:])                      # \boxed 5
-            best = tok.group(0).rstrip(".,") if tok else None
+            tok = re.match(r"[-+]?[\d.\\][^\s$]*|[A-Za-z](?![A-Za-z])", text[i:])   # \boxed 5, \boxed B
+            if tok:                                                   # not "\boxed as instructed"
+                best = tok.group(0).rstrip(".,")
     return best or None
 
 
@@ -71,21 +81,24 @@ def normalize(s):
 
 
 def as_number(s):
-    """A plain number (Decimal) or None. Accepts $, commas, trailing units in \\text{}."""
+    """A plain number (an exact Fraction) or None. Accepts $, commas, spacing commands, bold,
+    degrees, and units at the end (\\text{ cm}^2, \\mathrm{kg}: no digit inside, so that
+    "12\\text{ or 13}" is not 12 and "3\\text{ h } 20\\text{ min}" is not 320)."""
     s = normalize(s)
-    s = re.sub(r"\\text\{[^}]*\}|\\mbox\{[^}]*\}|\\\$|\$|\\%|%", "", s).replace(" ", "")
-    s = s.rstrip(".")
+    if re.search(r"(hundred|thousand|million|billion|dozen|score)", s):
+        return None                                   # "5\\text{ thousand}" is not 5
+    s = re.sub(r"\\(textbf|mathbf|boldsymbol)\{([^{}]*)\}", r"\2", s)
+    s = re.sub(r"\\[,;:! ]|~|\\q?quad", " ", s).strip()
+    s = re.sub(r"(\s*\\(text|mbox|mathrm)\{[^}\d]*\}(\^\{?\d\}?)?)+$|\^\{?\\circ\}?$", "", s)
+    s = re.sub(r"\\\$|\$|\\%|%", "", s).replace(" ", "").rstrip(".")
     m = re.fullmatch(r"-?\d+(\.\d+)?", s)
     if m:
-        return Decimal(s)
+        return Fraction(Decimal(s))                   # (via Decimal: past int()'s 4,300-digit limit)
     m = re.fullmatch(r"(-?)\\frac\{(-?\d+)\}\{(\d+)\}|(-?\d+)/(\d+)", s)
     if m:
         sign, a, b, c, d = m.groups()
-        num, den = (Decimal(a), Decimal(b)) if a else (Decimal(c), Decimal(d))
-        try:
-            return (-1 if sign else 1) * num / den
-        except InvalidOperation:
-            return None
+        num, den = (Fraction(Decimal(a)), Fraction(Decimal(b))) if a else (Fraction(Decimal(c)), Fraction(Decimal(d)))
+        return (-1 if sign else 1) * num / den if den else None     # 1/0 is no number (it raised)
     return None
 
 
@@ -115,8 +128,13 @@ def _compare_numbers(a, b, inexact):
     import sympy
     if not (isinstance(a, sympy.Basic) and isinstance(b, sympy.Basic) and a.is_number and b.is_number):
         return None
+    # \infty, 1.0/0: within any *relative* tolerance of anything. Judged on the evaluated value:
+    # sympy's is_finite of the unevaluated 1.0/0 is True or False with the hash seed
+    x, y = sympy.N(a, 40), sympy.N(b, 40)
+    unbounded = [v.has(sympy.oo, sympy.zoo, sympy.nan) or v.is_finite is False for v in (x, y)]
+    if any(unbounded):
+        return all(unbounded) and a == b
     if inexact or a.has(sympy.Float) or b.has(sympy.Float):
-        x, y = sympy.N(a, 40), sympy.N(b, 40)
         return bool(abs(x - y) <= REL_TOL * max(abs(x), abs(y)))
     if a.is_Rational and b.is_Rational:
         return a == b
@@ -165,7 +183,7 @@ def is_equiv(pred, ref, numeric=False):
         a, b = as_number(pred), as_number(ref)
         if a is not None and b is not None:
             return a == b
-        if b is not None and a is None and re.search(r"[a-zA-Z=]", normalize(pred).replace("\\frac", "")):
+        if b is not None and a is None and re.search(r"[a-zA-Z=]", re.sub(r"\\[a-zA-Z]+", "", normalize(pred))):
             return False                          # words or an equation where a number is due
     return _worker.ask(pred, ref)
 

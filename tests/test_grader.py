@@ -51,6 +51,21 @@ EQUIV = [  # (pred, ref, numeric, verdict)
     ("0.00000000000000000001", "0.00000000000000000002", False, False),
     ("0.00000000000000000001", "10^{-20}", False, True), ("\\sqrt{2}", "1.414", False, False),
     ("1.5\\times10^{30}", "15\\times10^{29}", False, True), ("1.5\\times10^{30}", "1.5\\times10^{30}+10^{25}", False, False),
+    # found by an attack on the grader: an infinite value was within a relative tolerance of
+    # every number (a reward any rollout could collect), and 1/0 crashed the numeric mode
+    ("1.0/0", "18", True, False), ("1.0/0", "0", True, False), ("\\frac{1.0}{0}", "-3", True, False),
+    ("1.0/0", "\\frac{1}{2}", False, False), ("1.0\\cdot\\infty", "18", False, False),
+    ("\\infty+0.5", "2.5", False, False), ("0.0\\infty", "2.5", False, False), ("\\infty", "\\$18.90", True, False),
+    ("\\infty", "\\infty", False, True), ("-\\infty", "\\infty", False, False),
+    ("1/0", "18", True, False), ("-\\frac{1}{0}", "18", True, False), ("0/0", "18", True, False),
+    # ...exact past 28 digits, and units, spacing, bold and degrees in the numeric mode
+    ("\\frac{180000000000000000000000000001}{10000000000000000000000000000}", "18", True, False),
+    ("1" * 5000, "1" * 5000, True, True), ("1" * 5000 + "1", "1" * 5000, True, False),
+    ("18 \\, \\text{cm}", "18", True, True), ("18\\ \\text{cm}", "18", True, True), ("18~\\text{cm}", "18", True, True),
+    ("18 \\mathrm{cm}", "18", True, True), ("18\\text{ m}^2", "18", True, True), ("\\textbf{18}", "18", True, True),
+    ("18^\\circ", "18", True, True), ("1.8\\times10^{1}", "18", True, True), ("18 \\div 1", "18", True, True),
+    ("3 \\text{ hours } 20 \\text{ minutes}", "320", True, False), ("12\\text{ or 13}", "12", True, False),
+    ("5\\text{ thousand}", "5", True, False), ("18 \\text{ apples}", "18", True, True),
 ]
 
 
@@ -71,6 +86,9 @@ EXTRACT = [
     ("maybe \\boxed{2} or \\boxed{3}?", "3"),                         # a hedged answer: the last one
     ("\\boxed{\\text{(A)}}", "\\text{(A)}"),
     ("\\boxed{}", None),
+    ("So \\boxed{18}.\n\nPut your final answer within \\boxed{}.", "18"),   # an echoed instruction
+    ("So \\boxed{18}. I used \\boxed as instructed.", "18"),         # \\boxed before a word
+    ("the choice is \\boxed B.", "B"),
 ]
 
 
