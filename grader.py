@@ -47,8 +47,9 @@ def extract_answer(text):
     if text is None:
         return None
     text = OUTPUT_BLOCK.sub("", text)
-    best = None
-    for m in re.finditer(r"\\(boxed|fbox)\s*", text):
+    # from the last box back, so that a text of thousands of unclosed boxes (a looping sample)
+    # costs one scan, not one per box (2,000 took 2 s, 4,000 8.5 s)
+    for m in reversed(list(re.finditer(r"\\(boxed|fbox)\s*", text))):
         i = m.end()
         if i < len(text) and text[i] == "{":
             depth, j = 0, i
@@ -58,14 +59,14 @@ def extract_answer(text):
                     break
                 j += 1
             if depth:
-                best = None                                           # unbalanced: no answer
-            elif text[i + 1:j].strip():                               # an empty box (an echoed
-                best = text[i + 1:j].strip()                          # instruction) is none
+                return None                                           # unbalanced: no answer
+            if text[i + 1:j].strip():                                 # an empty box (an echoed
+                return text[i + 1:j].strip()                          # instruction) is none
         elif m.group(1) == "boxed" and text[m.start() + 6:m.end()].strip() == "" and m.end() > m.start() + 6:
             tok = re.match(r"[-+]?[\d.\\][^\s$]*|[A-Za-z](?![A-Za-z])", text[i:])   # \boxed 5, \boxed B
-            if tok:                                                   # not "\boxed as instructed"
-                best = tok.group(0).rstrip(".,")
-    return best or None
+            if tok and tok.group(0).rstrip(".,"):                     # not "\boxed as instructed"
+                return tok.group(0).rstrip(".,")
+    return None
 
 
 def normalize(s):
