@@ -811,7 +811,7 @@ class _Sampler:
 
 @torch.no_grad()
 def sample(model, tok, prompts, prefixes=None, *, max_new_tokens=512, temperature=1.0, top_p=1.0,
-           top_k=0, greedy=False, stop=(), seed=0, executor=default_executor, max_code_calls=4,
+           top_k=0, greedy=False, stop=None, seed=0, executor=default_executor, max_code_calls=4,
            max_output_chars=400, code=True, ignore_eos=False, batch_size=None, progress=None, lockstep=True,
            pack_weights=True):
     """Sample one solution per prompt (lists of token ids). Returns a list of Rollout, in order.
@@ -820,6 +820,9 @@ def sample(model, tok, prompts, prefixes=None, *, max_new_tokens=512, temperatur
     them but marked as not sampled. executor(cells) -> object with .output .ok .error.
     code=False turns code interleaving off (plain generation). max_new_tokens counts sampled
     tokens; inserted tokens (prefix, outputs) are bounded by max_output_chars instead.
+    stop: strings that end a solution. Default: none where the tokenizer has a chat template
+    (EOS ends a turn); without one, "\nQuestion:", the next turn of chat_prompt's plain-text
+    format, which a base model goes on to invent, boxed answer and all, after its own.
     batch_size: rows decoded together (default: all prompts); when there are more prompts,
     a finished row's slot goes to the next waiting prompt (continuous batching).
     progress: called as progress(new_tokens, finished_rows) after every forward that samples.
@@ -836,6 +839,8 @@ def sample(model, tok, prompts, prefixes=None, *, max_new_tokens=512, temperatur
     (`packed_linears`); False runs the model's own linear layers (bench.py prints both).
     """
     prefixes = prefixes or [[] for _ in prompts]
+    if stop is None:
+        stop = () if tok.chat_template else ("\nQuestion:",)
     if any(not p and not f for p, f in zip(prompts, prefixes)):
         raise ValueError("sample: every prompt needs at least one token (prompt or prefix)")
     if batch_size is not None and batch_size < 1:

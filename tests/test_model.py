@@ -116,6 +116,26 @@ def test_stop_string_eos_and_max_tokens(tiny, tok):
     assert o.finish == "eos" and o.response_ids[-1] == eos and o.response_ids[:3] == free[1].response_ids[:3]
 
 
+def test_plain_text_prompts_stop_at_the_next_question(tiny, tok):
+    """Without a chat template chat_prompt writes "Question: ...\nAnswer: " turns, and a base
+    model answers and then invents the next turn, boxed answer and all; the grader then read
+    that one. sample stops at "\nQuestion:" there by default; with a template it does not."""
+    import copy
+    plain = copy.deepcopy(tok)
+    plain.chat_template = None
+    prompt = M.chat_prompt(plain, "What is 3 + 4?")
+    assert plain.decode(prompt).endswith("Answer: ")
+    script = plain("\\boxed{7}\nQuestion: Why nine", add_special_tokens=False).input_ids   # distinct tokens
+    chain = [prompt[-1]] + script
+    assert len(set(chain)) == len(chain), "the scripted tokens must be distinct for the bigram chain"
+    lm = Bigram(tiny, list(zip(chain, chain[1:])), strength=1e4)
+    [o] = M.sample(lm, plain, [prompt], max_new_tokens=len(script), greedy=True, code=False, ignore_eos=True)
+    assert o.finish == "stop" and o.text == "\\boxed{7}\nQuestion:", o.text
+    [o] = M.sample(lm, tok, [M.chat_prompt(tok, "What is 3 + 4?")[:-1] + [prompt[-1]]], max_new_tokens=len(script),
+                   greedy=True, code=False, ignore_eos=True)
+    assert o.finish == "length" and o.text.endswith("Why nine"), o.text     # a chat template: no default stop
+
+
 def test_forced_prefix_is_fed_and_masked(tiny, tok):
     prompts = [M.chat_prompt(tok, q) for q in QUESTIONS[:2]]
     prefix = tok("Let's think step by step.", add_special_tokens=False).input_ids
