@@ -157,6 +157,8 @@ FALLBACK_GAPS = (
     "as root where other users cannot enter the interpreter's directories (or AUTOCODE_SANDBOX_FALLBACK_UID=0): "
     "cells are uid 0 without capabilities, which owns root's files: a cell can write them, lift its cgroup's "
     "limits or leave the cgroup (RLIMIT_NPROC does not bind uid 0), and write into another rollout's processes",
+    "as root with a drawn uid, where this process's user namespace does not map HOST_UID_RANGE: every cell is "
+    "uid 65534, so rollouts that run at once can signal, trace and write into each other's processes",
 )
 # imported in the zygote so cells get them for free (forked, not loaded)
 WARM_IMPORTS = ("math", "cmath", "fractions", "decimal", "itertools", "functools", "collections",
@@ -502,10 +504,14 @@ def remove_scratch(path, patience=2.0):
     recursed into: their entries are renamed up into the top directory, so at most two
     descriptors are open at any depth. Gives up after `patience` s (something still writing)."""
     flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+    is_dir = lambda name, fd: stat.S_ISDIR(os.stat(name, dir_fd=fd, follow_symlinks=False).st_mode)  # noqa: E731
+    user = os.geteuid() != 0                        # not root: a directory left at mode 000 needs a chmod
     try:
         if not stat.S_ISDIR(os.lstat(path).st_mode):
             os.unlink(path)
             return
+        if user:
+            os.chmod(path, 0o700)
         top = os.open(path, flags)
     except OSError:
         return
@@ -520,12 +526,16 @@ def remove_scratch(path, patience=2.0):
             last = names
             for name in names:
                 try:
-                    if not stat.S_ISDIR(os.stat(name, dir_fd=top, follow_symlinks=False).st_mode):
+                    if not is_dir(name, top):
                         os.unlink(name, dir_fd=top)
                         continue
+                    if user:
+                        os.chmod(name, 0o700, dir_fd=top)
                     sub = os.open(name, flags, dir_fd=top)
                     try:
                         for child in os.listdir(sub):
+                            if user and is_dir(child, sub):
+                                os.chmod(child, 0o700, dir_fd=sub)    # moving a directory writes its ".."
                             moved += 1
                             os.rename(child, f".{tag}-{moved}", src_dir_fd=sub, dst_dir_fd=top)
                     finally:
@@ -544,10 +554,13 @@ def remove_scratch(path, patience=2.0):
 def sweep_cgroups(only_pid=None, patience=0.5):
     """Kill what is left in, and remove, the cgroups and scratch directories of zygotes that are
     gone (or of `only_pid`). A cgroup still busy after `patience` s is left for the next sweep."""
+    end = time.monotonic() + 4 * patience             # for all: thousands of leftovers cannot stall a start
     for name in os.listdir(SCRATCH_PARENT):          # a supervisor killed before its cleanup
         m = re.fullmatch(r"autocode-sandbox-(\d+)-\w+", name)
         if m and (int(m.group(1)) == only_pid if only_pid is not None else not os.path.exists(f"/proc/{m.group(1)}")):
-            remove_scratch(f"{SCRATCH_PARENT}/{name}")
+            if time.monotonic() > end:
+                break                                 # the rest at the next sweep
+            remove_scratch(f"{SCRATCH_PARENT}/{name}", patience)
     bases = _cgroup_bases()
     for base in bases["dirs"] if bases else []:
         for name in os.listdir(base):
@@ -819,7 +832,7 @@ def _run_cells(cells, out_w, report_w):
     null = os.open(os.devnull, os.O_RDWR)
     os.dup2(null, 0)
     scope = {"__name__": "__main__", "__builtins__": __builtins__}
-    error = None
+    error, me = None, os.getpid()
     for i, cell in enumerate(cells):
         last = i == len(cells) - 1
         sys.stdout.flush()
@@ -830,13 +843,20 @@ def _run_cells(cells, out_w, report_w):
         # an earlier block's exception, exit() or sys.exit() included, ends that block only, as
         # in a notebook: stopping there made every later block of the solution "ok" unrun
         error = _run_cell(cell, scope, f"<cell {i + 1}>", show_last=last)
+        if os.getpid() != me:                         # a child the block forked ends with the block:
+            _exit(error)                              # it never runs, nor reports, the next ones
+    if error is not None and not isinstance(error, SystemExit):
+        _report(report_w, {"error": _one_line(error)})
+    _exit(error)
+
+
+def _exit(error):
+    """W's status: 0, or what sys.exit() asked for (an exception is reported, not an exit status)."""
     sys.stdout.flush()
     sys.stderr.flush()
     code = 0
     if isinstance(error, SystemExit):
         code = error.code if isinstance(error.code, int) else (0 if error.code is None else 1)
-    elif error is not None:
-        _report(report_w, {"error": _one_line(error)})
     os._exit(code & 0xFF)
 
 
@@ -1269,7 +1289,9 @@ class _Zygote:
             flags.append("--userns-as-root")
         flags.append("--fallback-uid=" + {"1": "always", "0": "never"}.get(
             os.environ.get("AUTOCODE_SANDBOX_FALLBACK_UID", ""), "auto"))
-        self.proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--serve", *flags],
+        # -s: no user site-packages. HOME is /tmp, so a .pth file any user (or a fallback cell)
+        # put in /tmp/.local would otherwise run in the next zygote, as root
+        self.proc = subprocess.Popen([sys.executable, "-s", os.path.abspath(__file__), "--serve", *flags],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      env=dict(SAFE_ENV, **{TAG: str(os.getpid())}),
                                      start_new_session=True, close_fds=True)

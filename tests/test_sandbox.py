@@ -117,6 +117,10 @@ CASES = [
     # an earlier block's exit ends that block only: the later blocks ran as "ok" unrun before
     ("earlier exit() ends its block", ["z = 1\nexit()", "print(z + 1)"], True, None, "2", 1),
     ("earlier sys.exit(3), later error", ["import sys\nsys.exit(3)", "1/0"], False, "ZeroDivisionError", None, 1),
+    # ...but a child an earlier block forked ends with that block (it ran the rest, and reported)
+    ("a forked child's exit", ["import os, sys\nif os.fork() == 0:\n    sys.exit(0)\nos.wait()", "print('x')"],
+     True, None, "x", 1),
+    ("a forked child's error", ["import os\nif os.fork() == 0:\n    1/0\nos.wait()", "print('x')"], True, None, "x", 1),
     ("timeout resets state", ["a = 1", "while True: pass", "print(a)"], False, "NameError", "timed out", T + 1.5),
     ("the note counts every block", ["a = 1", "while True: pass", "b = 2", "while True: pass", "print(b)"], False,
      "NameError", "(block 4 timed out", 2 * T + 2.5),
@@ -291,3 +295,48 @@ def test_remove_scratch_survives_what_a_cell_can_leave(tmp_path):
         make(scratch)
         sandbox.remove_scratch(str(scratch))
         assert not os.path.lexists(scratch) and os.listdir(outside) == ["keep"]
+
+
+def test_remove_scratch_as_the_user_who_left_directories_at_mode_000():
+    """Without root (the fallback of a non-root user) a directory at mode 000 could not be
+    opened: its tree stayed, and every later sweep spent its whole patience on it."""
+    import pathlib
+    import shutil
+    import tempfile
+    if os.geteuid() != 0:
+        pytest.skip("needs root to act as another user")
+    parent = pathlib.Path(tempfile.mkdtemp(dir="/tmp"))     # pytest's tmp_path: mode 700, root's
+    top = parent / "scratch"
+    (top / "a" / "b").mkdir(parents=True)
+    (top / "a" / "b" / "f").write_text("x")
+    for p in (top, top / "a", top / "a" / "b", top / "a" / "b" / "f"):
+        os.chown(p, sandbox.SANDBOX_ID, sandbox.SANDBOX_ID)
+    os.chmod(top / "a" / "b", 0)
+    os.chmod(top / "a", 0)
+    os.chmod(parent, 0o777)
+    pid = os.fork()
+    if pid == 0:                                      # the child: that user, no privileges
+        try:
+            os.setgroups([])
+            os.setgid(sandbox.SANDBOX_ID)
+            os.setuid(sandbox.SANDBOX_ID)
+            sandbox.remove_scratch(str(top), patience=1.0)
+        finally:
+            os._exit(0)
+    os.waitpid(pid, 0)
+    removed = not os.path.lexists(top)
+    shutil.rmtree(parent)
+    assert removed
+
+
+def test_the_scratch_sweep_stops_at_its_time_budget(monkeypatch, tmp_path):
+    """Thousands of leftovers a cell made to look like dead zygotes' scratch directories must not
+    hold a zygote's start past its caller's hello deadline: the sweep takes 4 x patience in all."""
+    for i in range(50):
+        (tmp_path / f"autocode-sandbox-999999999-x{i}").mkdir()
+    monkeypatch.setattr(sandbox, "SCRATCH_PARENT", str(tmp_path))
+    monkeypatch.setattr(sandbox, "_cgroup_bases", lambda: None)
+    calls = []
+    monkeypatch.setattr(sandbox, "remove_scratch", lambda path, patience: calls.append(time.sleep(0.05)))
+    sandbox.sweep_cgroups(patience=0.05)
+    assert 1 <= len(calls) <= 6, len(calls)
