@@ -63,7 +63,7 @@ def extract_answer(text):
             if text[i + 1:j].strip():                                 # an empty box (an echoed
                 return text[i + 1:j].strip()                          # instruction) is none
         elif m.group(1) == "boxed" and text[m.start() + 6:m.end()].strip() == "" and m.end() > m.start() + 6:
-            tok = re.match(r"[-+]?[\d.\\][^\s$]*|[A-Za-z](?![A-Za-z])", text[i:])   # \boxed 5, \boxed B
+            tok = re.match(r"[-+]?(?:[\d.\\(]|[A-Za-z](?![A-Za-z]))[^\s$]*", text[i:])   # \boxed 5, \boxed x^2
             if tok and tok.group(0).rstrip(".,"):                     # not "\boxed as instructed"
                 return tok.group(0).rstrip(".,")
     return None
@@ -85,12 +85,15 @@ def as_number(s):
     """A plain number (an exact Fraction) or None. Accepts $, commas, spacing commands, bold,
     degrees, and units at the end (\\text{ cm}^2, \\mathrm{kg}: no digit inside, so that
     "12\\text{ or 13}" is not 12 and "3\\text{ h } 20\\text{ min}" is not 320)."""
-    s = normalize(s)
-    if re.search(r"(hundred|thousand|million|billion|dozen|score)", s):
+    s = normalize(s).rstrip(".").strip()
+    if re.search(r"\b(hundred|thousand|million|billion|dozen)s?\b", s):
         return None                                   # "5\\text{ thousand}" is not 5
     s = re.sub(r"\\(textbf|mathbf|boldsymbol)\{([^{}]*)\}", r"\2", s)
     s = re.sub(r"\\[,;:! ]|~|\\q?quad", " ", s).strip()
-    s = re.sub(r"(\s*\\(text|mbox|mathrm)\{[^}\d]*\}(\^\{?\d\}?)?)+$|\^\{?\\circ\}?$", "", s)
+    s = re.sub(r"\\text\{\\?\$\}", "", s)                  # \\text{\\$}18
+    s = re.sub(r"(\s*\\(text|mbox|mathrm)\{(?:[^}\d]|\^\d)*\}(\^\{?\d\}?)?)+$|\^\{?\\circ\}?$", "", s)
+    if re.search(r"\d\s+\d(?!\d\d(\D|$))", s):
+        return None                                   # "5 \\quad 7" is not 57 ("1 000" is 1000)
     s = re.sub(r"\\\$|\$|\\%|%", "", s).replace(" ", "").rstrip(".")
     m = re.fullmatch(r"-?\d+(\.\d+)?", s)
     if m:

@@ -610,7 +610,9 @@ class _Sampler:
         self.max_new_tokens, self.stop, self.eos, self.code = max_new_tokens, list(stop), eos, code
         self.executor, self.max_code_calls, self.max_output_chars = executor, max_code_calls, max_output_chars
         self.tick_ids = _watched(tok, "`") if code else frozenset()
-        self.stop_ids = _watched(tok, "".join(stop))
+        # only a token holding a stop string's last character can complete it (the characters of
+        # "\nQuestion:" are in most of a vocabulary; ":" is in few tokens)
+        self.stop_ids = _watched(tok, "".join(s[-1] for s in self.stop if s))
         self.stop_span = max(map(len, self.stop), default=0) + 2    # tokens that can hold a stop string
         self.cache = SlotCache(width, capacity)
         graphs = self.device.type == "cuda" and not sharded(model)

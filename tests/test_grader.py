@@ -66,6 +66,9 @@ EQUIV = [  # (pred, ref, numeric, verdict)
     ("18^\\circ", "18", True, True), ("1.8\\times10^{1}", "18", True, True), ("18 \\div 1", "18", True, True),
     ("3 \\text{ hours } 20 \\text{ minutes}", "320", True, False), ("12\\text{ or 13}", "12", True, False),
     ("5\\text{ thousand}", "5", True, False), ("18 \\text{ apples}", "18", True, True),
+    # ...and what a review of those changes found them to lose or let through
+    ("18 \\text{ dollars}.", "18", True, True), ("18\\text{ m^2}", "18", True, True), ("\\text{\\$}18", "18", True, True),
+    ("5\\text{ scores}", "5", True, True), ("5 \\quad 7", "57", True, False), ("1 000", "1000", True, True),
 ]
 
 
@@ -89,6 +92,7 @@ EXTRACT = [
     ("So \\boxed{18}.\n\nPut your final answer within \\boxed{}.", "18"),   # an echoed instruction
     ("So \\boxed{18}. I used \\boxed as instructed.", "18"),         # \\boxed before a word
     ("the choice is \\boxed B.", "B"),
+    ("\\boxed x^2", "x^2"), ("\\boxed -x", "-x"), ("\\boxed{7}, then \\boxed as said", "7"),
 ]
 
 
