@@ -69,6 +69,10 @@ EQUIV = [  # (pred, ref, numeric, verdict)
     # ...and what a review of those changes found them to lose or let through
     ("18 \\text{ dollars}.", "18", True, True), ("18\\text{ m^2}", "18", True, True), ("\\text{\\$}18", "18", True, True),
     ("5\\text{ scores}", "5", True, True), ("5 \\quad 7", "57", True, False), ("1 000", "1000", True, True),
+    # ...and a second attack: relations and ranges are no number; a leading \text is no unit
+    ("17 \\lor 18", "18", True, False), ("\\in (17, 19)", "19", True, False), ("\\le 18", "18", True, False),
+    ("\\approx 18.0000000001", "18", True, False), ("\\sqrt{324}", "18", True, True),
+    ("\\text{\\$ }18", "18", True, True), ("\\text{USD }18", "18", True, True), ("\\text{Answer: }18", "18", True, True),
 ]
 
 
@@ -93,6 +97,7 @@ EXTRACT = [
     ("So \\boxed{18}. I used \\boxed as instructed.", "18"),         # \\boxed before a word
     ("the choice is \\boxed B.", "B"),
     ("\\boxed x^2", "x^2"), ("\\boxed -x", "-x"), ("\\boxed{7}, then \\boxed as said", "7"),
+    ("\\boxed [0,1)", "[0,1)"), ("\\boxed \u22125", "\u22125"),
 ]
 
 
