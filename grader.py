@@ -10,8 +10,8 @@ Contract:
       numeric=True (GSM8K, AIME, AMC, the built-in task): both must be plain numbers (after
       removing $, thousands separators, spacing, bold, degrees, units at the end); compared
       exactly as fractions (18.00 == 18, 033 == 33), no tolerance, no percent fallback, no
-      last-number fallback; an expression without words (2^{10}, 1.8\\times10^1) goes to the
-      MATH comparison below.
+      last-number fallback; an arithmetic expression (2^{10}, 1.8\\times10^1, \\sqrt{324}: no
+      words, no relation like \\le or \\in) goes to the MATH comparison below.
       numeric=False (MATH): math-verify under a thin normalisation layer for its known misses
       (thin spaces and {,} thousands separators, Unicode minus, \\fbox, text answers compared
       as words rather than as products of symbols).
@@ -40,6 +40,7 @@ TIME_LIMIT = 5.0
 REL_TOL = 1e-9          # decimals must agree to ~9 significant digits (3.14159 is not pi)
 DECIMAL = re.compile(r"\d\.\d|(^|[^\d])\.\d")
 TIMEOUTS = 0
+PLAIN = re.compile(r"-?\d+(\.\d+)?")     # a plain number, as the numeric mode wants it
 OUTPUT_BLOCK = re.compile(r"```output\n.*?(```|$)", re.S)
 
 
@@ -60,12 +61,14 @@ def extract_answer(text):
                 j += 1
             if depth:
                 return None                                           # unbalanced: no answer
-            if text[i + 1:j].strip():                                 # an empty box (an echoed
-                return text[i + 1:j].strip()                          # instruction) is none
+            inside = text[i + 1:j].strip()
+            if inside:                                                # an empty box (an echoed
+                return inside                                         # instruction) is none
         elif m.group(1) == "boxed" and text[m.start() + 6:m.end()].strip() == "" and m.end() > m.start() + 6:
             tok = re.match(r"[-+\u2212]?(?:[\d.\\([]|[A-Za-z](?![A-Za-z]))[^\s$]*", text[i:])   # \boxed 5, x^2
-            if tok and tok.group(0).rstrip(".,"):                     # not "\boxed as instructed"
-                return tok.group(0).rstrip(".,")
+            answer = tok.group(0).rstrip(".,") if tok else ""
+            if answer:                                                # not "\boxed as instructed"
+                return answer
     return None
 
 
@@ -88,7 +91,7 @@ def as_number(s):
     "12\\text{ or 13}" is not 12 and "3\\text{ h } 20\\text{ min}" is not 320)."""
     s = normalize(s).rstrip(".").strip()
     if len(s) > 400:                                  # the unit patterns below are not linear
-        return Fraction(Decimal(s)) if re.fullmatch(r"-?\d+(\.\d+)?", s) else None
+        return _exact(s) if PLAIN.fullmatch(s) else None
     if re.search(r"\b(hundred|thousand|million|billion|dozen)s?\b", s):
         return None                                   # "5\\text{ thousand}" is not 5
     s = re.sub(r"\\(textbf|mathbf|boldsymbol)\{([^{}]*)\}", r"\2", s)
@@ -98,15 +101,19 @@ def as_number(s):
     if re.search(r"\d\s+\d(?!\d\d(\D|$))", s):
         return None                                   # "5 \\quad 7" is not 57 ("1 000" is 1000)
     s = re.sub(r"\\\$|\$|\\%|%", "", s).replace(" ", "").rstrip(".")
-    m = re.fullmatch(r"-?\d+(\.\d+)?", s)
-    if m:
-        return Fraction(Decimal(s))                   # (via Decimal: past int()'s 4,300-digit limit)
+    if PLAIN.fullmatch(s):
+        return _exact(s)
     m = re.fullmatch(r"(-?)\\frac\{(-?\d+)\}\{(\d+)\}|(-?\d+)/(\d+)", s)
     if m:
         sign, a, b, c, d = m.groups()
-        num, den = (Fraction(Decimal(a)), Fraction(Decimal(b))) if a else (Fraction(Decimal(c)), Fraction(Decimal(d)))
+        num, den = (_exact(a), _exact(b)) if a else (_exact(c), _exact(d))
         return (-1 if sign else 1) * num / den if den else None     # 1/0 is no number (it raised)
     return None
+
+
+def _exact(digits):
+    """Fraction of a decimal string, via Decimal: int() refuses past 4,300 digits."""
+    return Fraction(Decimal(digits))
 
 
 def _is_words(s):
