@@ -121,7 +121,8 @@ def ratio_term(logp, old, sampled, adv, clip_eps=0.2, is_mode="surrogate", ratio
         if is_mode == "surrogate":
             term = -(rho_c * a)
         else:                      # stop-gradient weight on log pi: the same direction, no zeroing
-            term = -(rho_c.detach() * a) * (lp if ratio == "token" else lp.sum().reshape(1))
+            log_pi = {"token": lp, "sequence": lp.sum().reshape(1), "sequence_mean": lp.mean().reshape(1)}[ratio]
+            term = -(rho_c.detach() * a) * log_pi       # on-policy: the surrogate's gradient, in every --ratio
         total = total + term.sum()
         units += rho.numel()
         ratios.append(rho.detach())

@@ -32,19 +32,24 @@ def grads(model, loss):
     return torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
 
 
+@pytest.mark.parametrize("ratio", ["token", "sequence", "sequence_mean"])
 @pytest.mark.parametrize("is_mode", ["surrogate", "weighted_nll"])
-def test_on_policy_gradient_equals_reinforce(tiny, tok, is_mode):
+def test_on_policy_gradient_equals_reinforce(tiny, tok, is_mode, ratio):
+    """On-policy (ratio 1, no clipping) both importance modes are REINFORCE with the unit --ratio
+    names: sum of log-probs per token averaged over tokens, or per sequence (summed, or averaged
+    over its tokens: sequence_mean) averaged over sequences."""
     prompts, outs = rollouts(tiny, tok)
     adv = T.whiten([1.0, 0.0, 0.0, 1.0])
     masks = [torch.tensor(o.sampled) for o in outs]
     old = [torch.tensor(o.logprobs) for o in outs]
-    n = int(sum(m.sum() for m in masks))
+    n = int(sum(m.sum() for m in masks)) if ratio == "token" else len(outs)
     logp = M.sequence_logprobs(tiny, prompts, [o.response_ids for o in outs])
-    total, units, st = T.ratio_term(logp, old, masks, adv, 0.2, is_mode, "token")
+    total, units, st = T.ratio_term(logp, old, masks, adv, 0.2, is_mode, ratio)
     assert units == n and st["ratio_max"] == pytest.approx(1.0, abs=1e-4) and st["clipped"] == 0
     g_ours = grads(tiny, total / units)
     logp = M.sequence_logprobs(tiny, prompts, [o.response_ids for o in outs])
-    reinforce = -sum(a * lp[m].sum() for a, lp, m in zip(adv, logp, masks)) / n
+    per_unit = {"token": torch.sum, "sequence": torch.sum, "sequence_mean": torch.mean}[ratio]
+    reinforce = -sum(a * per_unit(lp[m]) for a, lp, m in zip(adv, logp, masks)) / n
     g_ref = grads(tiny, reinforce)
     assert torch.allclose(g_ours, g_ref, atol=1e-5, rtol=1e-4)
     assert g_ref.abs().max() > 1e-4                                    # a real, non-zero gradient
