@@ -916,7 +916,7 @@ def sequence_logprobs(model, prompts, responses, temperature=1.0, chunk=256):
         mask[i, P - len(p):P + len(r)] = 1
     ids, mask = ids.to(device), mask.to(device)
     positions = (mask.cumsum(1) - 1).clamp(min=0)
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions,
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False,
                    logits_to_keep=last_positions(P + R - 1, R, device)).logits   # column j predicts token j
     lengths = [len(r) for r in responses]
     rows = torch.repeat_interleave(torch.arange(len(responses)), torch.tensor(lengths)).to(device)

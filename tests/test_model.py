@@ -192,6 +192,26 @@ def test_teacher_forcing_matches_a_full_log_softmax_in_value_and_gradient(tiny, 
     assert ref.abs().max() > 0 and torch.allclose(grad, ref, atol=1e-5, rtol=1e-3)
 
 
+def test_teacher_forcing_under_activation_checkpointing_asks_for_no_cache(tok):
+    """The M-step's forward (training mode, activation checkpointing) wants no KV cache: asked
+    for one, transformers drops it and prints a warning into the M-step's progress bar."""
+    import logging
+    model = M.tiny_model(tok, seed=0).train()
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    seen = []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.getMessage())
+    logger = logging.getLogger("transformers")
+    logger.addHandler(handler)
+    try:
+        logging.Logger.warning_once.cache_clear()              # transformers warns once a process
+        prompts = [tok("What is 2 + 2?", add_special_tokens=False).input_ids]
+        M.sequence_logprobs(model, prompts, [tok(" 4", add_special_tokens=False).input_ids])[0].sum().backward()
+    finally:
+        logger.removeHandler(handler)
+    assert not [m for m in seen if "use_cache" in m], seen
+
+
 def test_code_block_runs_output_is_inserted_and_masked(tiny, tok):
     lm = code_writer(tiny, tok)
     prompts = [M.chat_prompt(tok, q) for q in QUESTIONS[:3]]
