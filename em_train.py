@@ -349,10 +349,10 @@ def decision_prefixes(tok, args):
                                                                      ("code", args.code_prefix))}
 
 
-def choice_probability(model, prompts, prefixes, chunk=8, form="absolute"):
+def choice_probability(model, prompts, prefixes, chunk=8, form="absolute", temperature=1.0):
     """pi(code|x) at the token where the decisions' prefixes part, for each prompt (no gradient):
     the code token's own probability (form "absolute"), else normalised over the two decisions'
-    tokens. `chunk` prompts per forward: one forward over an evaluation's 32 few-shot prompts
+    tokens; at `temperature` (the trust region measures the tempered policy the loss trains). `chunk` prompts per forward: one forward over an evaluation's 32 few-shot prompts
     (64 sequences) took 1.1 GB more than the rest of the loop's peak."""
     d = len(os.path.commonprefix(list(prefixes.values())))
     cut = {c: ids[:d + 1] for c, ids in prefixes.items()}
@@ -362,7 +362,7 @@ def choice_probability(model, prompts, prefixes, chunk=8, form="absolute"):
     out = []
     with torch.no_grad():
         for s in range(0, len(prompts), chunk):
-            out += decision_logprobs(model, prompts[s:s + chunk], cut, form=form)[:, code].exp().tolist()
+            out += decision_logprobs(model, prompts[s:s + chunk], cut, temperature, form)[:, code].exp().tolist()
     return out
 
 
@@ -374,7 +374,7 @@ def within_trust(model, decide, ctx, args):
     to the next at the defaults (README, Results). It bounds the gradient, not AdamW's momentum,
     so a dropped query can still drift on. Costs one extra forward over the step's decision prompts."""
     now = choice_probability(model, [ctx["record_of"][q]["prompt_ids"] for q in decide], ctx["prefixes"],
-                             form=args.decision_form)
+                             form=args.decision_form, temperature=args.temperature)
     keep = []
     for q, p in zip(decide, now):
         old = ctx["pi_old"][q]
@@ -442,7 +442,8 @@ def m_step(model, tok, opt, items, records, args, rng):
     if args.algo == "em" and args.decision_trust:     # pi(code|x) where the M-step starts
         qs = [q for q, r in ctx["record_of"].items() if args.decision_queries == "all" or informative(r, args.ties)]
         ctx["pi_old"] = dict(zip(qs, choice_probability(model, [ctx["record_of"][q]["prompt_ids"] for q in qs],
-                                                        ctx["prefixes"], form=args.decision_form) if qs else []))
+                                                        ctx["prefixes"], form=args.decision_form,
+                                                        temperature=args.temperature) if qs else []))
         ctx["trust_dropped"] = ctx["trust_seen"] = 0
     n_steps = D.all_max(len(steps))
     hooks = trimming(model, args.trim_every)

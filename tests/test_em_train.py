@@ -551,12 +551,34 @@ def test_decision_trust_drops_a_query_once_its_pi_has_moved_far_enough(tiny, tok
                         "code": tok("```python\nprint(", add_special_tokens=False).input_ids},
            "record_of": {r["query_id"]: r for r in records}, "trust_dropped": 0, "trust_seen": 0}
     now = T.choice_probability(tiny, [ctx["record_of"][q]["prompt_ids"] for q in ("q0", "q1", "q2")],
-                               ctx["prefixes"], form=args.decision_form)
+                               ctx["prefixes"], form=args.decision_form, temperature=args.temperature)
     ctx["pi_old"] = {"q0": now[0] - 0.2, "q1": now[1], "q2": now[2] + 0.2}
     assert T.within_trust(tiny, ["q0", "q1", "q2"], ctx, args) == ["q1", "q2"]
     assert (ctx["trust_dropped"], ctx["trust_seen"]) == (1, 3)
     with pytest.raises(SystemExit, match="--decision-trust is for one process"):
         T.check_args(T.parse_args(["--model", "tiny", "--decision-trust", "0.1", "--fsdp"]))
+
+
+def test_decision_trust_measures_the_tempered_policy_the_loss_trains(tiny, tok):
+    """The decision term trains pi at --temperature; the trust region must measure the same pi.
+    A query that has not moved at all (pi_old = pi now, tempered) stays in, even with s_star
+    pointing to where the untempered pi lies, which measured at temperature 1 would look like a
+    move past the region and drop it."""
+    records = step_records(tiny, tok, [[1.0, 0.0, 0.0], [0.0, 1.0, 1.0], [0.0, 1.0, 0.0]])
+    args = args_for(decision_trust=0.1, temperature=0.05, decision_form="opening")
+    prefixes = {"cot": tok("By hand: ", add_special_tokens=False).input_ids,
+                "code": tok("```python\nprint(", add_special_tokens=False).input_ids}
+    qs = ["q0", "q1", "q2"]
+    prompts = [records[3 * i]["prompt_ids"] for i in range(3)]
+    tempered = T.choice_probability(tiny, prompts, prefixes, form="opening", temperature=0.05)
+    plain = T.choice_probability(tiny, prompts, prefixes, form="opening")
+    assert min(abs(a - b) for a, b in zip(tempered, plain)) > 0.1
+    for r in records:
+        i = int(r["query_id"][1:])
+        r["s_star"] = {"cot": 0.0, "code": 1.0} if plain[i] > tempered[i] else {"cot": 1.0, "code": 0.0}
+    ctx = {"prefixes": prefixes, "record_of": {r["query_id"]: r for r in records}, "trust_dropped": 0,
+           "trust_seen": 0, "pi_old": dict(zip(qs, tempered))}
+    assert T.within_trust(tiny, qs, ctx, args) == qs
 
 
 def test_m_step_is_its_steps_and_frees_the_gradients(tiny, tok):
