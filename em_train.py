@@ -529,18 +529,24 @@ def find_checkpoint(out):
 
 
 def append_metrics(path, row, keep_until=None):
-    """Append one JSON line; with keep_until, first drop lines past that iteration (resume)."""
-    if keep_until is not None and os.path.exists(path):
-        rows = [json.loads(x) for x in open(path) if x.strip()]
-        tmp = path + ".tmp"
-        with open(tmp, "w") as f:
-            for r in rows:
-                if r["iteration"] <= keep_until:
-                    f.write(json.dumps(r) + "\n")
-        os.replace(tmp, path)
-    if row is not None:
-        with open(path, "a") as f:
-            f.write(json.dumps(row) + "\n")
+    """Append one JSON line; with keep_until, first drop lines past that iteration (resume).
+    The file is rewritten whole and swapped in: a kill leaves the old file or the new one, never
+    half a line for the next --resume to stumble on."""
+    rows = []
+    if os.path.exists(path):
+        rows = [_metrics_line(path, n, line) for n, line in enumerate(open(path), 1) if line.strip()]
+    rows = [r for r in rows if keep_until is None or r["iteration"] <= keep_until]
+    X.write_jsonl_atomic(path, rows + ([row] if row is not None else []))
+
+
+def _metrics_line(path, lineno, line):
+    try:
+        row = json.loads(line)
+        int(row["iteration"])
+        return row
+    except (ValueError, KeyError, TypeError):
+        raise SystemExit(f"error: {path}:{lineno}: not a metrics line (a JSON object with an 'iteration'); "
+                         f"move the file away to start its metrics afresh") from None
 
 
 # ---------------------------------------------------------------------------------------
@@ -816,9 +822,10 @@ def main(argv=None):
         if args.eval_data and args.eval_every and it % args.eval_every == 0:
             row.update(evaluate_iteration(model, tok, args, it, rank, world))
         row["seconds"] = time.time() - t0
+        if D.is_main():                           # the row first: a kill before the checkpoint is in
+            append_metrics(metrics_path, row)     # place reruns this iteration, and restore drops the row
         save_checkpoint(args.out, model, tok, opt, it, args.save_dtype)
         if D.is_main():
-            append_metrics(metrics_path, row)
             print(f"[em] iter {it}/{args.iterations} reward {row['reward_mean']:.3f} "
                   f"q_hat cot/code {_fmt(row['q_hat_cot'])}/{_fmt(row['q_hat_code'])} s*(code) "
                   f"{_fmt(row['s_star_code'])} loss {_fmt(row.get('loss_ratio', row.get('loss_sft')))} "

@@ -139,6 +139,35 @@ def test_resume_matches_uninterrupted(tmp_path):
     assert not all(torch.equal(first[k], weights(str(tmp_path / "c"))[k]) for k in first)   # training moves weights
 
 
+def test_a_kill_just_after_a_checkpoint_loses_no_metrics_row(tmp_path, monkeypatch):
+    """Killed the moment iteration 1's checkpoint is in place: --resume starts at iteration 2
+    and metrics.jsonl still holds iteration 1's row (it is written before the checkpoint)."""
+    out = str(tmp_path / "run")
+    save = T.save_checkpoint
+    def save_then_die(*args, **kwargs):
+        save(*args, **kwargs)
+        raise KeyboardInterrupt
+    monkeypatch.setattr(T, "save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        T.main(FAST + ["--iterations", "2", "--eval-every", "0", "--out", out])
+    monkeypatch.setattr(T, "save_checkpoint", save)
+    T.main(FAST + ["--iterations", "2", "--eval-every", "0", "--out", out, "--resume"])
+    rows = [json.loads(x) for x in open(os.path.join(out, "metrics.jsonl"))]
+    assert [r["iteration"] for r in rows] == [1, 2]
+
+
+def test_a_bad_metrics_line_is_one_clear_line_on_resume(tmp_path):
+    out = str(tmp_path / "run")
+    T.main(FAST + ["--iterations", "1", "--eval-every", "0", "--out", out])
+    path = os.path.join(out, "metrics.jsonl")
+    with open(path, "a") as f:
+        f.write('{"iteration": 2, "reward_me\n')                 # half a line, as an old append left it
+    with pytest.raises(SystemExit) as e:
+        T.main(FAST + ["--iterations", "2", "--eval-every", "0", "--out", out, "--resume"])
+    assert str(e.value).startswith(f"error: {path}:2: not a metrics line")
+    assert len(open(path).read().splitlines()) == 2              # nothing lost
+
+
 # ---------------------------------------------------------------------------------------
 # The update says what the paper says (issue 8, part 1)
 # ---------------------------------------------------------------------------------------
