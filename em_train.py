@@ -707,6 +707,7 @@ def parse_args(argv=None):
 def check_args(args):
     """Every flag and file, before the model loads or anything is written (one line each).
     Returns the number of training problems in a --data file (None for built-in or hub data)."""
+    args.eval_modes = list(dict.fromkeys(args.eval_modes))      # "--eval-modes cot cot" is cot once
     E.check_numbers(args, positive=("--train-size", "--iterations", "--queries-per-iter", "--epochs", "--lr",
                                     "--batch-size", "--grad-accum", "--micro-tokens", "--max-grad-norm", "--clip-eps",
                                     "--sample-batch", "--eval-n"),

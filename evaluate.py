@@ -8,20 +8,23 @@ Pieces, top to bottom:
   data     load_problems(path): JSON lines in the MATH500 (problem / answer), GSM8K
            (question / "... #### n"), AIME (integer answer), AMC (float answer) formats, and
            the project's built-in task (`builtin:train`, `builtin:test`, see task.py).
-           Malformed input fails with file:line and the field.
+           Malformed input fails with file:line and the field. A file whose answers are all
+           integers (AIME ships them as strings, "025") is graded as exact numbers.
   modes    MODES: autonomous (the model decides; AUTONOMOUS holds its two wordings, one that
            invites code and a neutral one), forced CoT, forced code.
            A forced mode is a prompt instruction plus a forced start of the response; forced
            CoT also runs no code. explore.py forces its decisions with the same prefixes.
   grading  grader.py (extract_answer / is_equiv); GSM8K, AIME, AMC and built-in answers
            compare as exact numbers.
-  metrics  accuracy (sample 0: greedy when --n 1), pass@k and maj@k over --n samples, code
-           rate, mean code calls, execution error rate, selection accuracy (when all three
-           modes ran: the oracle decision per problem is the forced mode that solved it, CoT
-           preferred on ties, as in the paper; the autonomous run's decision is "code" when
-           it executed a block), per-level / per-subject accuracy for MATH, tokens/s.
+  metrics  accuracy (sample 0: greedy when --n 1), pass@k and maj@k (a vote among equal
+           answers) over --n samples, code rate, mean code calls, execution error rate,
+           selection accuracy (when all three modes ran: the oracle decision per problem is
+           the forced mode that solved it, CoT preferred on ties, as in the paper; the
+           autonomous run's decision is "code" when it executed a block), per-level /
+           per-subject accuracy for MATH, tokens/s.
   output   <out>/samples.jsonl (every sample, appended as it is graded), <out>/summary.json
-           (written atomically) and a printed table. Re-running with the same --out resumes.
+           (written atomically) and a printed table. Re-running with the same --out resumes,
+           with the settings that made its samples only (<out>/run.json).
 
 Choices the paper leaves open: the neutral, CoT and code prompts (Qwen2.5-Math's wording for
 the latter two), the two forcing prefixes below (flags in explore.py; the paper's reported code
@@ -30,6 +33,7 @@ prefix "Let's first analyze the problem, then consider if python code could help
 demonstration (FEWSHOT, on by default; --no-fewshot for the paper's zero-shot setting).
 """
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -38,7 +42,7 @@ import re
 import tempfile
 import textwrap
 import time
-from collections import Counter, defaultdict
+from collections import defaultdict
 
 from tqdm import tqdm
 
@@ -107,8 +111,10 @@ def parse_record(rec, path, lineno):
     if "answer" not in rec or rec["answer"] is None or str(rec["answer"]).strip() == "":
         _bad(path, lineno, "no answer: field 'answer' is missing or empty")
     raw = rec["answer"]
-    if isinstance(raw, bool):
-        _bad(path, lineno, "field 'answer' is a boolean")
+    if isinstance(raw, bool) or not isinstance(raw, (str, int, float)):
+        _bad(path, lineno, f"field 'answer' is a {type(raw).__name__}; expected a string or a number")
+    if isinstance(raw, (int, float)) and not math.isfinite(raw):
+        _bad(path, lineno, f"field 'answer' is {raw}, not a finite number")
     if isinstance(raw, (int, float)):                                   # AIME (int), AMC (27.0)
         answer = str(int(raw)) if float(raw).is_integer() else repr(float(raw))
         numeric = True
@@ -119,7 +125,8 @@ def parse_record(rec, path, lineno):
             _bad(path, lineno, "field 'answer' has nothing after '####'")
     else:                                                               # MATH
         answer, numeric = raw.strip(), bool(rec.get("numeric", False))
-    out = {"id": str(rec.get("id", rec.get("unique_id", f"{os.path.basename(path)}:{lineno}"))),
+    pid = rec.get("id", rec.get("unique_id"))
+    out = {"id": str(pid) if pid is not None else f"{os.path.basename(path)}:{lineno}",
            "question": question.strip(), "answer": answer, "numeric": numeric}
     for key in GROUP_KEYS:
         if key in rec:
@@ -133,7 +140,7 @@ def load_problems(path, limit=None, seed=0, shuffle=False):
         split, groups = task.parse_name(path)
         problems = task.problems(split, n=limit or 200, groups=groups)
     elif os.path.exists(path):
-        problems = []
+        problems, line_of = [], {}
         with open(path, "rb") as f:
             for lineno, raw in enumerate(f, 1):
                 try:
@@ -147,9 +154,17 @@ def load_problems(path, limit=None, seed=0, shuffle=False):
                     rec = json.loads(line)
                 except json.JSONDecodeError as e:
                     _bad(path, lineno, f"bad JSON ({e.msg} at column {e.colno})")
+                except ValueError as e:                                 # e.g. an integer of 5,000 digits
+                    _bad(path, lineno, f"bad JSON ({e})")
                 problems.append(parse_record(rec, path, lineno))
+                if line_of.setdefault(problems[-1]["id"], lineno) != lineno:
+                    _bad(path, lineno, f"field 'id': {problems[-1]['id']!r} is also line {line_of[problems[-1]['id']]}'s "
+                                       "(samples are stored by id: each must be unique)")
         if not problems:
             raise SystemExit(f"error: {path}: no problems (the file is empty or has only blank lines)")
+        if all(p["numeric"] or re.fullmatch(r"-?\d+", p["answer"]) for p in problems):
+            for p in problems:            # AIME as shipped: integers written as strings ("025")
+                p["numeric"] = True
     else:
         problems = _load_hub(path)
     if shuffle:
@@ -184,18 +199,25 @@ def prompt_for(tok, problem, mode, fewshot=True, autonomous="neutral"):
 
 
 def read_samples(path):
-    """Samples already on disk; a torn last line (killed mid-write) is dropped."""
-    rows, good = [], 0
-    if os.path.exists(path):
-        with open(path, "rb") as f:
-            for line in f:
-                try:
-                    rows.append(json.loads(line))
-                    good += len(line)
-                except json.JSONDecodeError:
-                    break
-        with open(path, "r+b") as f:
-            f.truncate(good)
+    """Samples already on disk. A killed run's last line may be torn anywhere, even just before
+    its newline (then it still parses, and the next sample would be appended onto it): it is
+    dropped and the file cut back to the line before. A bad line elsewhere is an error."""
+    if not os.path.exists(path):
+        return []
+    with open(path, "rb") as f:
+        lines = f.readlines()
+    rows = []
+    for lineno, line in enumerate(lines, 1):
+        try:
+            row = json.loads(line) if line.endswith(b"\n") else None
+            row["id"], row["mode"], row["sample"]                 # what names a sample
+            rows.append(row)
+        except (ValueError, KeyError, TypeError):
+            if lineno < len(lines):
+                raise SystemExit(f"error: {path}:{lineno}: not a sample line (only the last line of a "
+                                 "killed run can be torn); mend it or move the file away")
+            with open(path, "r+b") as f:
+                f.truncate(sum(map(len, lines[:-1])))
     return rows
 
 
@@ -261,6 +283,14 @@ class Progress:
         self.bar.close()
 
 
+def sample_seed(seed, pid, mode, k):
+    """The random stream of sample k of problem `pid` in `mode`: the same whatever else runs in
+    its batch and however often the run was resumed (keyed by position in the run's to-do list,
+    the samples drawn after a resume repeated those drawn before it)."""
+    digest = hashlib.blake2b(json.dumps([seed, pid, mode, k]).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little")
+
+
 def run(model, tok, problems, modes, out_dir, n=1, temperature=0.0, max_new_tokens=512, batch_size=16,
         seed=0, fewshot=True, progress=True, autonomous="neutral"):
     """Sample, grade and record every (problem, mode, sample). Returns all records."""
@@ -281,14 +311,15 @@ def run(model, tok, problems, modes, out_dir, n=1, temperature=0.0, max_new_toke
                 t = time.time()
                 outs = M.sample(model, tok, list(prompts), list(prefixes), max_new_tokens=max_new_tokens,
                                 greedy=temperature == 0, temperature=max(temperature, 1e-5),
-                                seed=seed + start, code=MODES[mode]["code"], progress=bar.hook)
+                                seed=[sample_seed(seed, p["id"], mode, k) for p, k in part],
+                                code=MODES[mode]["code"], progress=bar.hook)
                 bar.batch_done(outs)
                 timing[mode][0] += time.time() - t
                 timing[mode][1] += sum(o.n_sampled for o in outs)
                 for (p, k), o in zip(part, outs):
                     pred, ok = grade(p, o.text)
                     rec = {"id": p["id"], "mode": mode, "sample": k, "question": p["question"], "text": o.text,
-                           "pred": pred, "answer": p["answer"], "correct": ok, "finish": o.finish,
+                           "pred": pred, "answer": p["answer"], "numeric": p["numeric"], "correct": ok, "finish": o.finish,
                            "tokens": o.n_sampled, "code_calls": o.code_calls,
                            **{key: p[key] for key in GROUP_KEYS if key in p}}
                     f.write(json.dumps(rec) + "\n")
@@ -309,6 +340,23 @@ def pass_at_k(n, c, k):
     return 1.0 - math.prod((n - c - i) / (n - i) for i in range(k))
 
 
+def majority_correct(rs):
+    """maj@k of one problem's samples: answers vote together when they are equal (is_equiv,
+    so "1/2", "0.5" and "\\frac{1}{2}" are one vote, where their text was three); the largest
+    group wins, a tie going to the group of the lowest-numbered sample. No answer, no vote."""
+    groups = []
+    for r in sorted(rs, key=lambda r: r["sample"]):
+        if not r["pred"]:
+            continue
+        for g in groups:
+            if grader.is_equiv(r["pred"], g[0]["pred"], numeric=r.get("numeric", False)):
+                g.append(r)
+                break
+        else:
+            groups.append([r])
+    return bool(groups) and max(groups, key=len)[0]["correct"]
+
+
 def summarize(records, modes):
     by = defaultdict(lambda: defaultdict(list))
     for r in records:
@@ -322,11 +370,7 @@ def summarize(records, modes):
         flat = [r for rs in probs.values() for r in rs]
         calls = [c for r in flat for c in r["code_calls"]]
         n = min(len(rs) for rs in probs.values())
-        maj = []
-        for rs in probs.values():
-            votes = Counter(grader.normalize(r["pred"]) for r in rs if r["pred"])
-            top = votes.most_common(1)[0][0] if votes else None
-            maj.append(any(r["correct"] for r in rs if r["pred"] and grader.normalize(r["pred"]) == top))
+        maj = [majority_correct(rs) for rs in probs.values()]
         s = {"problems": len(probs), "samples_per_problem": n,
              "accuracy": sum(r["correct"] for r in first) / len(first),
              f"pass@{n}": sum(pass_at_k(len(rs), sum(r["correct"] for r in rs), n) for rs in probs.values()) / len(probs),
@@ -351,10 +395,11 @@ def summarize(records, modes):
             cot, code = by["cot"].get(pid), by["code"].get(pid)
             if not cot or not code:
                 continue
-            oracle = "cot" if cot[0]["correct"] else "code" if code[0]["correct"] else None
+            cot, code, auto = (min(x, key=lambda r: r["sample"]) for x in (cot, code, rs))      # sample 0
+            oracle = "cot" if cot["correct"] else "code" if code["correct"] else None
             if oracle is None:
                 continue
-            decision = "code" if rs[0]["code_calls"] else "cot"
+            decision = "code" if auto["code_calls"] else "cot"
             hits += decision == oracle
             total += 1
         summary["selection_accuracy"] = {"value": hits / total if total else None, "problems_with_oracle": total}
@@ -479,6 +524,28 @@ def check_args(args):
     check_writable(args.out)
 
 
+def run_settings(args):
+    """What decides the samples of a run (--n, --modes and --limit only add or leave out some)."""
+    where = lambda path: os.path.abspath(path) if os.path.exists(path) else path
+    return json.loads(json.dumps({
+        "data": where(args.data), "model": where(args.model), "dtype": args.dtype, "seed": args.seed,
+        "temperature": args.temperature, "max_new_tokens": args.max_new_tokens,
+        "autonomous": AUTONOMOUS[args.autonomous_prompt], "fewshot": FEWSHOT if args.fewshot else None,
+        "modes": MODES}))
+
+
+def check_resume(args):
+    """The same --out resumes a run only with the settings that made its samples (main keeps
+    them in <out>/run.json): another temperature or prompt would reuse samples it did not make."""
+    path, now = os.path.join(args.out, "run.json"), run_settings(args)
+    then = json.load(open(path)) if os.path.exists(path) else now
+    changed = [k for k in now if then.get(k) != now[k]]
+    if changed:
+        fail(f"--out {args.out} holds samples made with other settings ({', '.join(changed)} differ: "
+             f"{', '.join(f'{then.get(k)!r} then, {now[k]!r} now' for k in changed if k not in ('modes', 'fewshot'))}); "
+             "give another --out, or remove it to start again")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--data", default="builtin:test", help="JSON-lines path, builtin:train|test, or a hub id")
@@ -498,7 +565,9 @@ def main(argv=None):
                     help="the autonomous instruction: invite code, or name neither decision (see AUTONOMOUS)")
     ap.add_argument("--out", default=None, help="output directory (default results/<data>-<model>)")
     args = ap.parse_args(argv)
+    args.modes = list(dict.fromkeys(args.modes))            # "--modes cot cot" is cot once
     check_args(args)
+    check_resume(args)
     import torch
     import model as M
     problems = load_problems(args.data, args.limit, args.seed, args.shuffle)
@@ -513,15 +582,20 @@ def main(argv=None):
         {os.path.join(out, 'samples.jsonl')} as they are graded (the same --out again resumes); the metrics and the
         exact prompts to {os.path.join(out, 'summary.json')}.""")
     model, tok = M.load_model(args.model, args.dtype, device)
+    os.makedirs(out, exist_ok=True)
+    write_json_atomic(os.path.join(out, "run.json"), run_settings(args))
     t = time.time()
     records, timing = run(model, tok, problems, args.modes, out, n=args.n, temperature=args.temperature,
                           max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, seed=args.seed,
                           fewshot=args.fewshot, autonomous=args.autonomous_prompt)
     wall = time.time() - t
     ids = {p["id"] for p in problems}
-    summary = summarize([r for r in records if r["id"] in ids], args.modes)
-    summary["_run"] = {"data": args.data, "model": args.model, "n": args.n, "temperature": args.temperature,
-                       "max_new_tokens": args.max_new_tokens, "timing": timing, "wall_s": wall,
+    summary = summarize([r for r in records if r["id"] in ids and r["mode"] in args.modes and r["sample"] < args.n],
+                        args.modes)
+    summary["_run"] = {"data": args.data, "model": args.model, "dtype": args.dtype, "device": device,
+                       "modes": args.modes, "limit": args.limit, "shuffle": args.shuffle, "seed": args.seed,
+                       "n": args.n, "temperature": args.temperature, "max_new_tokens": args.max_new_tokens,
+                       "batch_size": args.batch_size, "timing": timing, "wall_s": wall,
                        "grader_timeouts": grader.TIMEOUTS, "prompts": MODES,
                        "autonomous_instruction": AUTONOMOUS[args.autonomous_prompt],
                        "fewshot": FEWSHOT if args.fewshot else None}

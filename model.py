@@ -829,7 +829,9 @@ def sample(model, tok, prompts, prefixes=None, *, max_new_tokens=512, temperatur
     a finished row's slot goes to the next waiting prompt (continuous batching).
     progress: called as progress(new_tokens, finished_rows) after every forward that samples.
     Prompt i draws from its own random stream, keyed by (seed, i): results do not depend on
-    the batch width or on when the executor answers.
+    the batch width or on when the executor answers. seed may also be a list, one int per
+    prompt: prompt i's stream is then keyed by seed[i] alone (evaluate.py keys each sample by
+    its problem, mode and index, so a resumed evaluation draws what an uninterrupted one would).
     lockstep (default): before each forward, wait for every pending execution, so that which
     rows share a forward does not depend on how fast the sandbox answers. It decides the float
     rounding: without it, two runs of one seed on one machine differed in the log-probs of 12 of
@@ -847,8 +849,12 @@ def sample(model, tok, prompts, prefixes=None, *, max_new_tokens=512, temperatur
         raise ValueError("sample: every prompt needs at least one token (prompt or prefix)")
     if batch_size is not None and batch_size < 1:
         raise ValueError(f"sample: batch_size must be at least 1, got {batch_size}")
+    if isinstance(seed, (list, tuple)) and len(seed) != len(prompts):
+        raise ValueError(f"sample: {len(seed)} seeds for {len(prompts)} prompts")
     if not prompts:
         return []
+    keys = [_row_key(s, 0) for s in seed] if isinstance(seed, (list, tuple)) else \
+        [_row_key(seed, i) for i in range(len(prompts))]
     width = min(batch_size or len(prompts), len(prompts))
     longest = max(len(p) + len(f) for p, f in zip(prompts, prefixes))
     inserted = (max_output_chars // 2 + 48) if code and max_code_calls else 0   # one output; the cache grows
@@ -856,7 +862,7 @@ def sample(model, tok, prompts, prefixes=None, *, max_new_tokens=512, temperatur
     run = _Sampler(model, tok, width, longest + max_new_tokens + inserted, max_new_tokens=max_new_tokens,
                    stop=stop, eos=set() if ignore_eos else set(stop_token_ids(model, tok)), code=code,
                    executor=executor, max_code_calls=max_code_calls, max_output_chars=max_output_chars, draw=draw)
-    queue = deque(_Row(i, p, f, _row_key(seed, i)) for i, (p, f) in enumerate(zip(prompts, prefixes)))
+    queue = deque(_Row(i, p, f, key) for i, (p, f, key) in enumerate(zip(prompts, prefixes, keys)))
     try:
         with packed_linears(model, width, enabled=pack_weights):
             while queue or run.rows:

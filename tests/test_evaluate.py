@@ -35,12 +35,41 @@ def test_formats(tmp_path):
     ('{"problem": "x"}', "no answer"),
     ('{"question": "x", "answer": "#### "}', "nothing after '####'"),
     ('[1, 2]', "expected a JSON object"),
+    ('{"problem": "x", "answer": [1, 2]}', "field 'answer' is a list"),
+    ('{"problem": "x", "answer": {"v": 1}}', "field 'answer' is a dict"),
+    ('{"problem": "x", "answer": NaN}', "not a finite number"),
+    ('{"problem": "x", "answer": 1e400}', "not a finite number"),
+    ('{"problem": "x", "answer": ' + "9" * 5000 + '}', "bad JSON"),
+    ('{"problem": "x", "answer": "1", "id": "d.jsonl:1"}', "field 'id'"),       # line 1's id, made from its place
 ])
 def test_malformed_names_file_line_and_field(tmp_path, line, field):
     path = write(tmp_path, [json.dumps({"problem": "ok", "answer": "1"}), line])
     with pytest.raises(SystemExit) as e:
         E.load_problems(path)
     assert f"{path}:2:" in str(e.value) and field in str(e.value)
+
+
+def test_ids_null_and_repeated(tmp_path):
+    """A null id is no id (the file and line name the problem); a repeated one is refused, since
+    samples are stored by id and two problems would merge into one."""
+    p = E.load_problems(write(tmp_path, ['{"problem": "a", "answer": "1", "id": null}',
+                                         '{"problem": "b", "answer": "2", "id": null}']))
+    assert [x["id"] for x in p] == ["d.jsonl:1", "d.jsonl:2"]
+    with pytest.raises(SystemExit, match=r"d.jsonl:3: field 'id': '5' is also line 1's"):
+        E.load_problems(write(tmp_path, ['{"problem": "a", "answer": "1", "id": 5}', '{"problem": "b", "answer": "2"}',
+                                         '{"problem": "c", "answer": "3", "id": "5"}']))
+
+
+def test_integer_answers_written_as_strings_are_graded_as_numbers(tmp_path):
+    """AIME as shipped ("answer": "025"): exact numbers, as for integer answers; a file with any
+    other answer keeps MATH's grading for all its lines."""
+    aime = E.load_problems(write(tmp_path, ['{"problem": "a", "answer": "025"}', '{"problem": "b", "answer": 204}']))
+    assert [p["numeric"] for p in aime] == [True, True]
+    assert E.grade(aime[0], "so \\boxed{25}")[1] and not E.grade(aime[0], "\\boxed{24.99999999999}")[1]
+    assert not E.grade(aime[0], "\\boxed{x = 25}")[1]
+    math = E.load_problems(write(tmp_path, ['{"problem": "a", "answer": "025"}', '{"problem": "b", "answer": "\\\\frac{1}{2}"}'],
+                                 "m.jsonl"))
+    assert [p["numeric"] for p in math] == [False, False]
 
 
 def test_limit_shuffle_seed():
@@ -67,6 +96,20 @@ def test_metrics_and_selection_accuracy():
     assert E.pass_at_k(4, 1, 1) == pytest.approx(0.25) and E.pass_at_k(4, 1, 4) == 1.0
 
 
+@pytest.mark.parametrize("preds,correct,numeric,want", [
+    (["1/2", "0.5", "\\frac{1}{2}", "3", "3"], [1, 1, 1, 0, 0], False, True),    # equal answers are one vote
+    (["18", "18.00", "\\$18", "17", "17"], [1, 1, 1, 0, 0], True, True),
+    (["3", "4"], [1, 0], False, True),                                          # a tie: the lower sample's group
+    (["4", "3"], [0, 1], False, False),
+    ([None, None, "7"], [0, 0, 1], True, True),                                 # no answer, no vote
+    ([None, ""], [0, 0], True, False),
+])
+def test_majority_votes_on_equal_answers(preds, correct, numeric, want):
+    rs = [{"sample": k, "pred": p, "correct": bool(c), "numeric": numeric} for k, (p, c) in enumerate(zip(preds, correct))]
+    assert E.majority_correct(rs) is want
+    assert E.majority_correct(rs[::-1]) is want                  # the file's order does not matter
+
+
 def test_end_to_end_tiny_and_resume(tiny, tok, tmp_path):
     problems = E.load_problems(os.path.join(HERE, "fixtures", "mini.jsonl"))
     out = str(tmp_path / "run")
@@ -81,6 +124,53 @@ def test_end_to_end_tiny_and_resume(tiny, tok, tmp_path):
     assert len(recs2) == 6 and len(open(os.path.join(out, "samples.jsonl")).read().splitlines()) == 6
     s = E.summarize(recs2, ["cot", "code"])
     assert s["cot"]["accuracy_by_level"].keys() == {"Level 1", "Level 2"}
+    # a line cut just before its newline still parses: dropped too, or the next sample joins it
+    path = os.path.join(out, "samples.jsonl")
+    with open(path, "w") as f:
+        f.write("\n".join(lines[:5]))
+    for _ in range(2):
+        recs3, _ = E.run(tiny, tok, problems, ["cot", "code"], out, max_new_tokens=8, progress=False)
+        assert len(recs3) == 6 and [json.loads(x) for x in open(path).read().splitlines()] == recs3
+    # a bad line before the last is no torn write: refused, and the file left as it was
+    with open(path, "w") as f:
+        f.write("\n".join(lines[:2] + ["{oops"] + lines[3:]) + "\n")
+    before = open(path).read()
+    with pytest.raises(SystemExit, match=r"samples.jsonl:3: not a sample line"):
+        E.run(tiny, tok, problems, ["cot", "code"], out, max_new_tokens=8, progress=False)
+    assert open(path).read() == before
+
+
+def test_a_resumed_evaluation_samples_what_an_uninterrupted_one_would(tiny, tok, tmp_path):
+    """Each sample's random stream is its own (problem, mode, index): killed after some samples
+    and resumed (at another batch width), the run ends with the samples of one never killed,
+    and the n samples of a problem are not copies of each other."""
+    problems = E.load_problems(os.path.join(HERE, "fixtures", "mini.jsonl"))
+    kw = dict(n=3, temperature=1.0, max_new_tokens=12, progress=False, seed=4)
+    whole, _ = E.run(tiny, tok, problems, ["cot", "code"], str(tmp_path / "a"), batch_size=16, **kw)
+    out = tmp_path / "b"
+    out.mkdir()
+    (out / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in whole[:4]))   # the kill
+    resumed, _ = E.run(tiny, tok, problems, ["cot", "code"], str(out), batch_size=5, **kw)
+    text = lambda recs: {(r["id"], r["mode"], r["sample"]): r["text"] for r in recs}
+    assert text(resumed) == text(whole) and len(whole) == 18
+    assert all(len({text(whole)[(p["id"], m, k)] for k in range(3)}) > 1 for p in problems for m in ("cot", "code"))
+
+
+def test_an_out_resumes_only_the_settings_that_made_it(tmp_path):
+    """Samples on disk are reused only by a run with the same settings (run.json); --n, --modes
+    and --limit choose among them, and the summary counts only what this run asked for."""
+    data = os.path.join(HERE, "fixtures", "mini.jsonl")
+    out = str(tmp_path / "out")
+    base = ["--model", "tiny", "--data", data, "--max-new-tokens", "4", "--out", out, "--temperature", "0.7"]
+    s = E.main(base + ["--modes", "cot", "cot", "code", "--n", "2"])
+    assert s["cot"]["samples_per_problem"] == 2 and "pass@2" in s["cot"]
+    assert len(open(os.path.join(out, "samples.jsonl")).read().splitlines()) == 3 * 2 * 2
+    s = E.main(base + ["--modes", "cot", "--n", "1", "--limit", "2"])
+    assert set(s) == {"cot", "_run"} and s["cot"]["problems"] == 2 and "pass@1" in s["cot"]
+    for other in (["--temperature", "0.5"], ["--seed", "1"], ["--autonomous-prompt", "invite"]):
+        with pytest.raises(SystemExit, match="holds samples made with other settings"):
+            E.main(base + other)
+    assert len(open(os.path.join(out, "samples.jsonl")).read().splitlines()) == 12
 
 
 def test_autonomous_prompt_wording_changes_only_the_autonomous_mode(tok):
