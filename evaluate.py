@@ -105,7 +105,7 @@ def parse_record(rec, path, lineno):
     """One JSON object -> {id, question, answer, numeric, level?, subject?}; formats detected."""
     if not isinstance(rec, dict):
         _bad(path, lineno, "expected a JSON object")
-    question = rec.get("problem", rec.get("question"))
+    question = rec.get("problem") if rec.get("problem") is not None else rec.get("question")
     if not isinstance(question, str) or not question.strip():
         _bad(path, lineno, "no question: field 'problem' or 'question' is missing or empty")
     if "answer" not in rec or rec["answer"] is None or str(rec["answer"]).strip() == "":

@@ -27,6 +27,8 @@ def test_formats(tmp_path):
     assert [x["answer"] for x in p] == ["\\frac{1}{2}", "1234", "33", "27", "2.5"]
     assert [x["numeric"] for x in p] == [False, True, True, True, True]
     assert p[0]["level"] == "Level 3" and p[2]["id"] == "7"
+    both = E.load_problems(write(tmp_path, ['{"problem": null, "question": "Q", "answer": "1"}'], "n.jsonl"))
+    assert both[0]["question"] == "Q"                               # a null field is no field
 
 
 @pytest.mark.parametrize("line,field", [
