@@ -924,10 +924,11 @@ def sequence_logprobs(model, prompts, responses, temperature=1.0, chunk=256):
     positions = (mask.cumsum(1) - 1).clamp(min=0)
     logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False,
                    logits_to_keep=last_positions(P + R - 1, R, device)).logits   # column j predicts token j
+    device = logits.device              # not always the parameters': FSDP's --cpu-offload keeps them on the CPU
     lengths = [len(r) for r in responses]
     rows = torch.repeat_interleave(torch.arange(len(responses)), torch.tensor(lengths)).to(device)
     cols = torch.cat([torch.arange(n) for n in lengths]).to(device)
-    logits, targets = logits[rows, cols], ids[rows, P + cols]          # [tokens, vocab], [tokens]
+    logits, targets = logits[rows, cols], ids.to(device)[rows, P + cols]          # [tokens, vocab], [tokens]
     parts = []
     for part, target in zip(logits.split(chunk), targets.split(chunk)):
         if torch.is_grad_enabled():

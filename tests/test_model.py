@@ -4,6 +4,8 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 import model as M
 
@@ -210,6 +212,32 @@ def test_teacher_forcing_under_activation_checkpointing_asks_for_no_cache(tok):
     finally:
         logger.removeHandler(handler)
     assert not [m for m in seen if "use_cache" in m], seen
+
+
+def test_teacher_forcing_follows_the_logits_device_not_the_parameters(tiny, tok):
+    """Under FSDP's --cpu-offload the parameters sit on the CPU and the forward runs on the GPU:
+    the tensors built after the forward must go where its logits are. Here the logits come back
+    on `meta` while the parameters stay on the CPU; a target left on the CPU fails the gather."""
+    class Offloaded(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, **kwargs):
+            return SimpleNamespace(logits=self.inner(**kwargs).logits.to("meta"))
+    class Mixed(TorchDispatchMode):          # meta takes CPU operands silently; a GPU would not
+        seen = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            where = {a.device.type for a in tree_leaves((args, kwargs or {})) if isinstance(a, torch.Tensor) and a.dim()}
+            self.seen += [str(func)] if where == {"cpu", "meta"} else []
+            return func(*args, **(kwargs or {}))
+    prompts = [tok(q, add_special_tokens=False).input_ids for q in ("Hi.", "What is 2 + 3?")]
+    responses = [tok(r, add_special_tokens=False).input_ids for r in ("Five.", "It is 5.")]
+    with torch.no_grad(), Mixed() as guard:
+        got = M.sequence_logprobs(Offloaded(tiny), prompts, responses)
+    assert [g.device.type for g in got] == ["meta", "meta"] and [len(g) for g in got] == [len(r) for r in responses]
+    assert guard.seen == []
 
 
 def test_code_block_runs_output_is_inserted_and_masked(tiny, tok):
