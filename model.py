@@ -367,7 +367,7 @@ def _draw(logits, keys, counts, greedy, temperature, top_k, top_p):
         token = logp.argmax(-1)
     else:
         logp = _filter_logits(logits, temperature, top_k, top_p)
-        cdf = logp.exp().cumsum(-1)
+        cdf = logp.exp().cumsum(-1, dtype=torch.float64)    # a GPU's fp32 scan is not flat across zeros
         u = _uniform(keys, counts) * cdf[:, -1]
         token = torch.searchsorted(cdf, u[:, None]).squeeze(1).clamp(max=cdf.shape[-1] - 1)
     return token, logp.gather(1, token[:, None]).squeeze(1)
