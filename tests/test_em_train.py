@@ -478,9 +478,15 @@ def test_sampler_gets_a_bf16_copy_and_the_master_stays_fp32(tiny):
     assert view is not tiny and next(view.parameters()).dtype == torch.bfloat16
     assert next(tiny.parameters()).dtype == torch.float32
     assert T.sampler_of(tiny, T.parse_args(["--model", "tiny", "--dtype", "fp32"])) is tiny
-    # the same model as copying and casting the whole: every tensor, tied weights still tied
+    # the same model as a copy with every parameter cast (a model loaded in bf16), tied weights
+    # still tied; buffers (RoPE's inv_freq) stay fp32 as there: in bf16 they turn far positions
     import copy
-    whole = copy.deepcopy(tiny).to(torch.bfloat16)
+    whole = copy.deepcopy(tiny)
+    for p in whole.parameters():
+        p.data = p.data.to(torch.bfloat16)
+    assert all(b.dtype == torch.float32 and torch.equal(b, m) for b, m in zip(view.buffers(), tiny.buffers()))
+    x, far = torch.zeros(1, 1, 8, dtype=torch.bfloat16), torch.tensor([[300]])
+    assert torch.equal(view.model.rotary_emb(x, far)[0], tiny.model.rotary_emb(x.float(), far)[0].to(torch.bfloat16))
     mine, ref = view.state_dict(), whole.state_dict()
     assert mine.keys() == ref.keys() and all(torch.equal(mine[k], ref[k]) and mine[k].dtype == ref[k].dtype for k in ref)
     assert all(not p.requires_grad for p in view.parameters()) and not view.training
