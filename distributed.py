@@ -17,6 +17,7 @@ Not done here: tensor parallelism, a separate inference engine, sharded (distrib
 checkpoints. Gathering whole parameters for sampling needs the unsharded model to fit on one
 device (a 7B model in bf16 is ~15 GB).
 """
+import datetime
 import os
 from contextlib import contextmanager
 
@@ -30,22 +31,28 @@ def collective_device(backend=None):
     """The device every tensor handed to a collective must live on: NCCL moves only CUDA
     tensors (the rank's own GPU), gloo only CPU ones here. The one place this rule lives."""
     backend = str(backend or dist.get_backend())
-    if backend == "nccl":
+    if "nccl" in backend:                              # "nccl", or "cpu:gloo,cuda:nccl" (setup)
         return torch.device("cuda", torch.cuda.current_device() if torch.cuda.is_available() else 0)
     return torch.device("cpu")
 
 
-def setup():
-    """Start the process group from torchrun's environment; return (rank, world, device)."""
+def setup(cpu_offload=False):
+    """Start the process group from torchrun's environment; return (rank, world, device).
+    With cpu_offload the gradients are CPU tensors, and clipping all-reduces their norms where
+    they are: NCCL moves only CUDA tensors, so CPU ones go through gloo in the same group.
+    The timeout is two hours, not NCCL's ten minutes: ranks wait in a collective while others
+    finish longer rollouts, and while rank 0 alone writes a 7B checkpoint (~90 GB)."""
     global ENABLED
     if "RANK" not in os.environ:
         raise SystemExit("error: --fsdp needs a torchrun launch, e.g. torchrun --nproc_per_node 2 em_train.py --fsdp")
+    timeout = datetime.timedelta(hours=2)
     if torch.cuda.is_available():
         gpu = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(gpu)
-        dist.init_process_group("nccl", device_id=gpu)     # bound to this rank's GPU
+        dist.init_process_group("cpu:gloo,cuda:nccl" if cpu_offload else "nccl", device_id=gpu,
+                                timeout=timeout)          # bound to this rank's GPU
     else:
-        dist.init_process_group("gloo")
+        dist.init_process_group("gloo", timeout=timeout)
     ENABLED = True
     device = collective_device()
     return dist.get_rank(), dist.get_world_size(), str(device)
@@ -118,6 +125,14 @@ def gather(items):
 def barrier():
     if ENABLED:
         dist.barrier()
+
+
+def finish():
+    """End the process group (left open, NCCL warns at every exit)."""
+    global ENABLED
+    if ENABLED:
+        dist.destroy_process_group()
+        ENABLED = False
 
 
 def full_state(model, opt):

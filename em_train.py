@@ -771,7 +771,7 @@ def main(argv=None):
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     rank, world = 0, 1
     if args.fsdp:
-        rank, world, device = D.setup()
+        rank, world, device = D.setup(args.cpu_offload)
     if D.is_main():
         print_plan(args, n_data, device, world)
     os.makedirs(args.out, exist_ok=True)
@@ -788,6 +788,7 @@ def main(argv=None):
         D.shard(model, M.DTYPES[args.dtype], args.cpu_offload)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     start_iter = restore(args, ckpt, model, opt, metrics_path)
+    D.barrier()                                # rank 0 has removed stale evaluations before any rank writes one
     pool = E.load_problems(args.data, args.train_size if args.data.startswith("builtin") else None)
     if start_iter == 1 and args.eval_data and args.eval_every and args.eval_first:
         t0 = time.time()                    # the untrained model, the baseline every curve starts from
@@ -835,6 +836,7 @@ def main(argv=None):
                   f"ratio max {_fmt(row.get('ratio_max'))} eval {_fmt(row.get('eval_acc_autonomous'))} "
                   f"{row['seconds']:.0f}s")
         D.barrier()
+    D.finish()
     return metrics_path
 
 
@@ -845,7 +847,8 @@ def restore(args, ckpt, model, opt, metrics_path):
     its own samples, never from a stale run's."""
     start_iter = 1
     if ckpt:
-        state = torch.load(os.path.join(ckpt, "trainer_state.pt"), weights_only=False)
+        state = torch.load(os.path.join(ckpt, "trainer_state.pt"), weights_only=False,
+                           mmap=True)         # under --fsdp every rank reads it: one copy in the page cache
         D.load_optimizer(model, opt, state["optimizer"]) if args.fsdp else opt.load_state_dict(state["optimizer"])
         random.setstate(state["rng"]["python"])
         np.random.set_state(state["rng"]["numpy"])

@@ -126,7 +126,28 @@ def test_fsdp_bf16_keeps_fp32_master_weights_with_grad_ckpt_and_a_bf16_export(tm
 # ---------------------------------------------------------------------------------------
 def test_the_collective_device_is_the_backends():
     assert D.collective_device("nccl").type == "cuda"          # NCCL moves only GPU tensors
+    assert D.collective_device("cpu:gloo,cuda:nccl").type == "cuda"
     assert D.collective_device("gloo") == torch.device("cpu")
+
+
+@pytest.mark.parametrize("cpu_offload,backend", [(False, "nccl"), (True, "cpu:gloo,cuda:nccl")])
+def test_setup_on_gpus_gives_cpu_tensors_a_backend_when_offloading(monkeypatch, cpu_offload, backend):
+    """On GPUs, --cpu-offload leaves the gradients on the CPU, and clipping all-reduces their
+    norms there: the group must hold gloo beside NCCL, or it fails with 'No backend type
+    associated with device type cpu' on more than one GPU. And no ten-minute NCCL timeout."""
+    seen = {}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: seen.setdefault("device", device))
+    monkeypatch.setattr(dist, "init_process_group", lambda backend, **kw: seen.update(backend=backend, **kw))
+    monkeypatch.setattr(D, "collective_device", lambda backend=None: torch.device("cuda", 1))
+    monkeypatch.setattr(dist, "get_rank", lambda: 1)
+    monkeypatch.setattr(dist, "get_world_size", lambda: 2)
+    monkeypatch.setattr(D, "ENABLED", False)
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert D.setup(cpu_offload) == (1, 2, "cuda:1")
+    assert seen["backend"] == backend and seen["device_id"] == torch.device("cuda", 1) == seen["device"]
+    assert seen["timeout"].total_seconds() >= 3600
 
 
 def test_all_max_hands_its_collective_the_backends_device(monkeypatch):
