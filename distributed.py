@@ -4,7 +4,8 @@
 
 What --fsdp changes (everything else in em_train.py reads the same with or without it):
   - every decoder layer and then the whole model are sharded with torch's FSDP2 `fully_shard`
-    over all ranks (NCCL on GPUs, gloo on CPUs, which is how the tests run it);
+    over all ranks (NCCL on GPUs, with gloo beside it for --cpu-offload's CPU gradients;
+    gloo on CPUs, which is how the tests run it);
   - each rank explores its own share of the iteration's queries (query i goes to rank
     i % world), so whitening, which is per query, stays local;
   - while sampling, the parameters are gathered once and kept whole (`gathered`): ranks
