@@ -270,20 +270,19 @@ def plan_step(step, batch_size, ctx, args):
     step's gradient does not depend on how it is split: the ratio term is averaged over the
     step's units (tokens or sequences), the decision term over the step's queries, and each
     query's decision term is added once, in the first micro-batch that holds one of its items.
-    Items are sorted by length, so that similar lengths pad together, and a micro-batch takes at
-    most `batch_size` of them and at most `--micro-tokens` padded tokens (one item alone may
-    exceed it): a 486-token response otherwise padded three short ones to its length, and that
-    micro-batch set the run's peak memory."""
-    micro, P, R = [], 0, 0              # the current micro-batch pads to P + R (sequence_logprobs)
-    for it in sorted(step, key=lambda it: len(it["prompt_ids"]) + len(it["response_ids"])):
-        p, r = len(it["prompt_ids"]), len(it["response_ids"])
-        padded = (len(micro[-1]) + 1) * (max(P, p) + max(R, r)) if micro else 0
-        if micro and len(micro[-1]) < batch_size and padded <= args.micro_tokens:
-            micro[-1].append(it)
-            P, R = max(P, p), max(R, r)
+    Items are sorted by prompt, so that one query's rollouts share a micro-batch and its whole
+    prompt is computed once (sequence_logprobs packs them behind the opening they share), and a
+    micro-batch takes at most `batch_size` items and at most `--micro-tokens` packed tokens (one
+    item alone may exceed it): a 486-token response beside three others once set a run's peak
+    memory."""
+    micro = []
+    for it in sorted(step, key=lambda it: (it["prompt_ids"], len(it["response_ids"]))):
+        grown = micro[-1] + [it] if micro else [it]
+        if micro and len(grown) <= batch_size and M.packed_length([x["prompt_ids"] for x in grown],
+                                                                  [x["response_ids"] for x in grown]) <= args.micro_tokens:
+            micro[-1] = grown
         else:
             micro.append([it])
-            P, R = p, r
     per_token = args.ratio == "token" or args.algo == "sft"
     first = {}
     for j, mb in enumerate(micro):
@@ -657,7 +656,8 @@ def parse_args(argv=None):
     ap.add_argument("--batch-size", type=int, default=4, help="sequences per forward (micro-batch)")
     ap.add_argument("--grad-accum", type=int, default=4, help="micro-batches per optimizer step")
     ap.add_argument("--micro-tokens", type=int, default=1536,
-                    help="at most this many padded tokens per micro-batch (rows x longest prompt + response); "
+                    help="at most this many tokens per micro-batch, as packed (the shared prompt opening once, "
+                         "then each sequence's rest: model.packed_length); "
                          "--batch-size * --grad-accum items still make one optimizer step")
     ap.add_argument("--max-grad-norm", type=float, default=1.0)
     ap.add_argument("--clip-eps", type=float, default=0.2)

@@ -15,7 +15,7 @@ Building blocks, top to bottom:
                            top-k, stop strings, a forced response prefix per prompt, code
                            interleaving inside the same cache, behaviour log-probs.
   sequence_logprobs(...) -- teacher-forced log-probs of recorded responses (the M-step's
-                           pi_theta, batched, differentiable).
+                           pi_theta; packed behind the prompts' shared opening, differentiable).
 
 Choices the paper does not make (each is a flag or an argument):
   - behaviour log-prob: the log-probability of each sampled token under the distribution it
@@ -898,37 +898,51 @@ def last_positions(length, n, device):
 # ---------------------------------------------------------------------------------------
 # Teacher forcing
 # ---------------------------------------------------------------------------------------
+def packed_length(prompts, responses):
+    """Tokens in sequence_logprobs' packed row: the shared opening once, then each sequence's
+    rest (em_train's --micro-tokens counts these)."""
+    shared = min(len(os.path.commonprefix(prompts)), min(map(len, prompts)) - 1)
+    return shared + sum(len(p) - shared + len(r) for p, r in zip(prompts, responses))
+
+
 def sequence_logprobs(model, prompts, responses, temperature=1.0, chunk=256):
     """Log-probs of each response token given its prompt, one tensor per sequence.
 
-    One padded forward: prompts left-padded, responses right-padded, so every response
-    starts at the same column and only those columns go through the LM head. The log-softmax
-    then runs on the positions that predict a real response token (not the padding), `chunk`
-    of them at a time, and when a gradient is wanted it is recomputed in backward (activation
-    checkpointing): only one chunk's float logits are ever in memory. Before, a micro-batch
-    holding one 486-token response beside three short ones made float and tempered copies of
-    4 x 486 x 49k logits, and with their gradients they raised the M-step's peak by ~1.5 GiB
-    (replayed on that M-step: 5.21 GB before, 4.08 GB with this and em_train's --micro-tokens).
-    Keeps the graph (call under torch.no_grad() when no gradient is wanted).
+    One forward over one packed row: the opening that every prompt shares once (the few-shot
+    demonstrations, a chat template's system turn: 161 of the ~237 tokens of a default M-step
+    rollout), then each sequence's own rest of prompt and its response, one after the other. A
+    block mask lets a token see the shared opening and the earlier tokens of its own sequence,
+    and each sequence's positions go on from the opening's, so each log-prob, and the gradient,
+    is the one a forward over that sequence alone gives (the opening's gradient sums over the
+    sequences that read it). Nor is there padding. The opening stops one token short of the
+    shortest prompt: that token is the one predicting its sequence's first response token.
+    Iteration 1 of `python em_train.py --seed 4` (2-core CPU, alone): its M-step took 138 s with
+    one left-padded row per sequence, 85 s packed.
+
+    The LM head then sees only the positions that predict a response token, and the log-softmax
+    runs `chunk` of them at a time, recomputed in backward (activation checkpointing): only one
+    chunk's float logits are ever in memory (a micro-batch holding one 486-token response made
+    float and tempered copies of 4 x 486 x 49k logits; with their gradients ~1.5 GiB more).
+    Keeps the graph (call under torch.no_grad() when no gradient is wanted). Needs an attention
+    that takes a 4-d mask: sdpa (transformers' default) or eager.
     """
+    if not prompts or min(map(len, prompts)) == 0:
+        raise ValueError("sequence_logprobs: every prompt needs a token to predict its response from")
+    shared = min(len(os.path.commonprefix(prompts)), min(map(len, prompts)) - 1)
+    rests = [p[shared:] + r for p, r in zip(prompts, responses)]
+    ids = torch.tensor(prompts[0][:shared] + [t for rest in rests for t in rest], dtype=torch.long)
+    owner = torch.tensor([0] * shared + [i + 1 for i, rest in enumerate(rests) for _ in rest])  # 0: shared
+    positions = torch.tensor(list(range(shared)) + [shared + j for rest in rests for j in range(len(rest))])
+    sees = torch.ones(len(ids), len(ids), dtype=torch.bool).tril()
+    sees &= (owner[:, None] == owner[None, :]) | (owner[None, :] == 0)
+    starts = [shared + sum(map(len, rests[:i])) for i in range(len(rests))]
+    predictors = torch.tensor([s + len(p) - shared - 1 + j for s, p, r in zip(starts, prompts, responses)
+                               for j in range(len(r))], dtype=torch.long)     # the token before each target
     device = next(model.parameters()).device
-    P = max(len(p) for p in prompts)
-    R = max(len(r) for r in responses)
-    ids = torch.zeros(len(prompts), P + R, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, (p, r) in enumerate(zip(prompts, responses)):
-        ids[i, P - len(p):P] = torch.tensor(p)
-        ids[i, P:P + len(r)] = torch.tensor(r, dtype=torch.long)
-        mask[i, P - len(p):P + len(r)] = 1
-    ids, mask = ids.to(device), mask.to(device)
-    positions = (mask.cumsum(1) - 1).clamp(min=0)
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False,
-                   logits_to_keep=last_positions(P + R - 1, R, device)).logits   # column j predicts token j
-    device = logits.device              # not always the parameters': FSDP's --cpu-offload keeps them on the CPU
-    lengths = [len(r) for r in responses]
-    rows = torch.repeat_interleave(torch.arange(len(responses)), torch.tensor(lengths)).to(device)
-    cols = torch.cat([torch.arange(n) for n in lengths]).to(device)
-    logits, targets = logits[rows, cols], ids.to(device)[rows, P + cols]          # [tokens, vocab], [tokens]
+    logits = model(input_ids=ids[None].to(device), attention_mask=attention_mask(model, sees).to(device),
+                   position_ids=positions[None].to(device), use_cache=False,
+                   logits_to_keep=predictors.to(device)).logits[0]          # [response tokens, vocab]
+    targets = ids[predictors + 1].to(logits.device)  # where the logits are: --cpu-offload keeps parameters on the CPU
     parts = []
     for part, target in zip(logits.split(chunk), targets.split(chunk)):
         if torch.is_grad_enabled():
@@ -936,7 +950,20 @@ def sequence_logprobs(model, prompts, responses, temperature=1.0, chunk=256):
                                                            use_reentrant=False))
         else:
             parts.append(_token_logprobs(part, target, temperature))
-    return list(torch.cat(parts).split(lengths))
+    return list(torch.cat(parts).split([len(r) for r in responses]))
+
+
+def attention_mask(model, sees):
+    """A [query, key] boolean "may attend" matrix as the model's attention takes it: as is for
+    sdpa, as 0 / a large negative number to add for eager. Flash attention and others ignore a
+    4-d mask (every token would see every earlier one, across sequences), so they are refused."""
+    kind = getattr(getattr(model, "config", None), "_attn_implementation", None) or "sdpa"
+    if kind == "sdpa":
+        return sees[None, None]
+    if kind == "eager":
+        return torch.zeros(sees.shape).masked_fill(~sees, torch.finfo(torch.float32).min)[None, None]
+    raise ValueError(f"teacher forcing packs sequences behind a block mask, which attention {kind!r} "
+                     "does not take: load the model with attn_implementation='sdpa'")
 
 
 def _token_logprobs(logits, targets, temperature):

@@ -676,21 +676,27 @@ def test_autonomous_prompt_reaches_every_rollout_and_evaluation(tmp_path, tok, m
     assert "Python" not in E.AUTONOMOUS["neutral"] and "code" not in E.AUTONOMOUS["neutral"]
 
 
-def test_micro_batches_pad_similar_lengths_within_a_token_budget():
-    """plan_step sorts a step's items by length and closes a micro-batch at --batch-size items
-    or --micro-tokens padded tokens; an item longer than the budget goes alone. Every item is
-    in exactly one micro-batch."""
+def test_micro_batches_group_a_querys_rollouts_within_a_packed_token_budget():
+    """plan_step sorts a step's items by prompt and closes a micro-batch at --batch-size items or
+    --micro-tokens packed tokens (the shared prompt opening counted once); an item longer than
+    the budget goes alone. Every item is in exactly one micro-batch, and a query's rollouts sit
+    together: four 600-token prompts' rollouts fit in one (1,003 tokens packed, 2,800 padded)."""
     rng = __import__("random").Random(0)
-    step = [{"query_id": f"q{i % 5}", "prompt_ids": [1] * rng.randint(150, 230),
+    demo = list(range(3, 163))                                   # the few-shot opening every prompt shares
+    questions = {f"q{i}": [500 + i] * rng.randint(20, 60) for i in range(5)}
+    step = [{"query_id": f"q{i % 5}", "prompt_ids": demo + questions[f"q{i % 5}"],
              "response_ids": [2] * rng.choice([20, 40, 60, 300, 490]), "mask": [1]} for i in range(16)]
-    step.append({"query_id": "q9", "prompt_ids": [1] * 200, "response_ids": [2] * 2000, "mask": [1]})
+    step.append({"query_id": "q9", "prompt_ids": demo + [9] * 40, "response_ids": [2] * 2000, "mask": [1]})
+    step += [{"query_id": "q8", "prompt_ids": demo + [8] * 440, "response_ids": [2] * 100, "mask": [1]} for _ in range(4)]
+    rng.shuffle(step)
     args = args_for(algo="rl", micro_tokens=1536)
     micro, _ = T.plan_step(step, 4, {"record_of": {}}, args)
     assert sorted(id(it) for mb in micro for it in mb) == sorted(id(it) for it in step)
     for mb in micro:
-        padded = len(mb) * (max(len(it["prompt_ids"]) for it in mb) + max(len(it["response_ids"]) for it in mb))
-        assert len(mb) <= 4 and (padded <= 1536 or len(mb) == 1), [len(it["response_ids"]) for it in mb]
-    lengths = [len(it["prompt_ids"]) + len(it["response_ids"]) for mb in micro for it in mb]
-    assert lengths == sorted(lengths)
-    assert len(micro[-1]) == 1 and len(micro[-1][0]["response_ids"]) == 2000
+        packed = M.packed_length([it["prompt_ids"] for it in mb], [it["response_ids"] for it in mb])
+        assert len(mb) <= 4 and (packed <= 1536 or len(mb) == 1), [len(it["response_ids"]) for it in mb]
+    order = [it["query_id"] for mb in micro for it in mb]
+    assert all(order.index(q) + order.count(q) - 1 == len(order) - 1 - order[::-1].index(q) for q in set(order))
+    assert [mb for mb in micro if any(it["query_id"] == "q9" for it in mb)] == [[next(it for it in step if it["query_id"] == "q9")]]
+    assert [len(mb) for mb in micro if mb[0]["query_id"] == "q8"] == [4]
     assert max(map(len, micro)) == 4            # short items still fill a micro-batch

@@ -168,13 +168,20 @@ def test_the_lm_head_only_sees_contiguous_rows(tiny, tok):
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.5])
-def test_teacher_forcing_matches_a_full_log_softmax_in_value_and_gradient(tiny, tok, temperature):
-    """sequence_logprobs (log-softmax on real response positions only, `chunk` at a time,
-    recomputed in backward) against the plain computation: every position's logits, one
-    log_softmax, a gather. Responses of very different lengths (one empty) and a chunk smaller
-    than the tokens, so padding, chunk borders and checkpointing are all crossed."""
-    prompts = [tok(q, add_special_tokens=False).input_ids for q in ("Hi.", "What is 2 + 3 times 4?", "7?")]
+@pytest.mark.parametrize("share", ["nothing", "an opening", "whole prompts"])
+def test_teacher_forcing_matches_a_full_log_softmax_in_value_and_gradient(tiny, tok, temperature, share):
+    """sequence_logprobs (one packed row behind the prompts' shared opening, log-softmax on the
+    positions predicting a response token only, `chunk` at a time, recomputed in backward)
+    against the plain computation: each sequence alone, every position's logits, one
+    log_softmax, a gather. Prompts that share nothing, a few-shot opening, or everything (the
+    opening must stop a token short: that token predicts each response's first); responses of
+    very different lengths (one empty) and a chunk smaller than the tokens."""
+    questions = {"nothing": ("Hi.", "What is 2 + 3 times 4?", "7?"), "an opening": ("Q: 1+1? A: 2. Q: Hi.",
+                 "Q: 1+1? A: 2. Q: What is 2 + 3 times 4?", "Q: 1+1? A: 2. Q: 7?"), "whole prompts": ("What is 7?",) * 3}
+    prompts = [tok(q, add_special_tokens=False).input_ids for q in questions[share]]
     responses = [tok(r, add_special_tokens=False).input_ids for r in ("Fourteen, since 3 * 4 = 12 and 2 + 12 = 14.", "", "Eight.")]
+    alone = sum(len(p) + len(r) for p, r in zip(prompts, responses))
+    assert (M.packed_length(prompts, responses) < alone) == (share != "nothing")
     tiny.zero_grad(set_to_none=True)
     got = M.sequence_logprobs(tiny, prompts, responses, temperature, chunk=5)
     sum(lp.sum() * (i + 1) for i, lp in enumerate(got)).backward()
@@ -192,6 +199,34 @@ def test_teacher_forcing_matches_a_full_log_softmax_in_value_and_gradient(tiny, 
     for g, w in zip(got, want):
         assert torch.allclose(g, w, atol=1e-4), (g, w)
     assert ref.abs().max() > 0 and torch.allclose(grad, ref, atol=1e-5, rtol=1e-3)
+
+
+def test_teacher_forcing_computes_a_shared_opening_once_and_takes_eager_attention(tok):
+    """The packed row holds the shared opening once (model.packed_length, what --micro-tokens
+    counts), and eager attention, which adds its mask rather than selecting with it, gives the
+    same log-probs as sdpa."""
+    model = M.tiny_model(tok, seed=1).eval()
+    demo = M.chat_prompt(tok, "What is 1+1?") + tok("2", add_special_tokens=False).input_ids
+    prompts = [demo + tok(q, add_special_tokens=False).input_ids for q in ("Hi.", "What is 2 + 3 times 4?")]
+    responses = [tok(r, add_special_tokens=False).input_ids for r in ("Hello.", "14")]
+    seen = []
+    hook = model.model.embed_tokens.register_forward_hook(lambda mod, args, out: seen.append(args[0].shape[1]))
+    with torch.no_grad():
+        sdpa = M.sequence_logprobs(model, prompts, responses)
+        model.set_attn_implementation("eager")
+        eager = M.sequence_logprobs(model, prompts, responses)
+    hook.remove()
+    assert seen == [M.packed_length(prompts, responses)] * 2
+    assert seen[0] <= len(demo) + sum(len(p) - len(demo) + len(r) for p, r in zip(prompts, responses))
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(sdpa, eager))
+
+
+def test_teacher_forcing_refuses_an_attention_that_ignores_its_mask(tok):
+    """Flash attention takes no 4-d mask: the packed sequences would see each other."""
+    model = M.tiny_model(tok, seed=1).eval()
+    model.config._attn_implementation = "flash_attention_2"     # set directly: no flash-attn package here
+    with pytest.raises(ValueError, match="sdpa"):
+        M.sequence_logprobs(model, [[1, 2, 3], [1, 2, 4]], [[5], [6]])
 
 
 def test_teacher_forcing_under_activation_checkpointing_asks_for_no_cache(tok):
