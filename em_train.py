@@ -171,10 +171,20 @@ def decision_logprobs(model, prompts, prefixes, temperature=1.0, form="raw"):
     form="normalized": the whole prefix's probability normalised over c; a push towards CoT
     then also lowers p(`print(` | "```python"), i.e. it teaches worse code (measured: after one
     iteration the greedy model opened code blocks with `def` and never printed)."""
+    return decision_form(M.sequence_logprobs(model, *decision_sequences(prompts, prefixes), temperature), prefixes, form)
+
+
+def decision_sequences(prompts, prefixes):
+    """The (prompt, response) pairs whose teacher-forced log-probs decision_form reads: each
+    prompt with each decision's prefix, in the order of `prefixes`."""
+    return [p for p in prompts for _ in prefixes], [prefixes[c] for _ in prompts for c in prefixes]
+
+
+def decision_form(lps, prefixes, form="raw"):
+    """log pi_theta(c|x) as a [queries, decisions] tensor, from the log-probs of
+    decision_sequences (see decision_logprobs for the forms)."""
     cs = list(prefixes)
-    lps = M.sequence_logprobs(model, [p for p in prompts for _ in cs], [prefixes[c] for _ in prompts for c in cs],
-                              temperature)
-    rows = [lps[i * len(cs):(i + 1) * len(cs)] for i in range(len(prompts))]
+    rows = [lps[i:i + len(cs)] for i in range(0, len(lps), len(cs))]
     d = len(os.path.commonprefix([prefixes[c] for c in cs]))
     if any(d >= len(prefixes[c]) for c in cs):
         raise ValueError("decision prefixes must differ at a token both have (one is a prefix of the other)")
@@ -192,9 +202,9 @@ def decision_logprobs(model, prompts, prefixes, temperature=1.0, form="raw"):
     return torch.log_softmax(choice, dim=1) + rest
 
 
-def decision_term(model, prompts, prefixes, s_star, temperature=1.0, form="raw"):
-    """-sum_c s_star(c|x) * log pi_theta(c|x), summed over the given queries."""
-    logp = decision_logprobs(model, prompts, prefixes, temperature, form)
+def decision_term(logp, prefixes, s_star):
+    """-sum_c s_star(c|x) * log pi_theta(c|x), summed over the queries: logp is decision_logprobs'
+    [queries, decisions] tensor, s_star one dict per query."""
     weights = torch.tensor([[s[c] for c in prefixes] for s in s_star], dtype=logp.dtype, device=logp.device)
     return -(weights * logp).sum()
 
@@ -296,12 +306,34 @@ def plan_step(step, batch_size, ctx, args):
     return micro, decide
 
 
-def micro_loss(model, mb, ctx, args, stats):
-    """The ratio (or sft) loss of one micro-batch, normalised by its whole optimiser step (ctx),
-    so the micro-batches of a step simply add up. Adds the loss terms to ctx["terms"] and
-    ratio stats to `stats`."""
-    logp = M.sequence_logprobs(model, [it["prompt_ids"] for it in mb], [it["response_ids"] for it in mb],
-                               args.temperature)
+def micro_loss(model, mb, queries, ctx, args, stats):
+    """The loss of one micro-batch, normalised by its whole optimiser step (ctx), so the
+    micro-batches of a step simply add up: the ratio (or sft) term of its rollouts, plus lambda
+    times the decision term of `queries` (plan_step gives each query's to one micro-batch). One
+    packed forward holds both: a query's decision prefixes follow its rollouts behind the prompt
+    they share (sequence_logprobs), so the decision term costs a few tokens, not another
+    forward over the prompt. Under --fsdp a rank with nothing left still runs a forward and a
+    backward (each is a collective): one token, weight 0. Adds the loss terms to ctx["terms"]
+    and ratio stats to `stats`."""
+    queries = queries if args.algo == "em" and args.decision_coef else []
+    if queries and args.decision_trust:
+        queries = within_trust(model, queries, ctx, args)
+    prompts, responses = decision_sequences([ctx["record_of"][q]["prompt_ids"] for q in queries], ctx["prefixes"])
+    prompts, responses = [it["prompt_ids"] for it in mb] + prompts, [it["response_ids"] for it in mb] + responses
+    if not prompts:
+        return 0.0 * M.sequence_logprobs(model, [[0]], [[0]])[0].sum()
+    logp = M.sequence_logprobs(model, prompts, responses, args.temperature)
+    loss = ratio_loss(logp[:len(mb)], mb, ctx, args, stats) if mb else 0.0
+    if queries:
+        d = decision_term(decision_form(logp[len(mb):], ctx["prefixes"], args.decision_form), ctx["prefixes"],
+                          [ctx["record_of"][q]["s_star"] for q in queries]) * args.decision_coef / ctx["queries"]
+        ctx["terms"]["loss_decision"] += d.item()
+        loss = loss + d
+    return loss
+
+
+def ratio_loss(logp, mb, ctx, args, stats):
+    """The ratio (or sft) term of the rollouts `mb`, from their teacher-forced log-probs."""
     dev = logp[0].device                       # every tensor of the loss lives where the model does
     masks = [torch.tensor(it["mask"], dtype=torch.bool, device=dev) for it in mb]
     old = [torch.tensor(it["old"], dtype=torch.float32, device=dev) for it in mb]
@@ -321,25 +353,6 @@ def micro_loss(model, mb, ctx, args, stats):
         loss = loss + args.kl_coef * kl / ctx["tokens"]
         ctx["terms"]["loss_kl"] += kl.item() / ctx["tokens"]
     return loss
-
-
-def decision_loss(model, decide, ctx, args):
-    """lambda times the decision term of the queries in `decide`, normalised by the step's
-    queries; None when there is none to add. m_step runs its backward apart from the ratio
-    loss's: one backward through both graphs held 0.5 GB more than the larger of the two
-    (measured on the embedded model), for the same gradient."""
-    if args.algo != "em" or not args.decision_coef:
-        return None
-    if decide and args.decision_trust:
-        decide = within_trust(model, decide, ctx, args)
-    if not decide:              # under --fsdp every rank runs the same forwards (collectives)
-        zero = {c: 0.0 for c in ctx["prefixes"]}
-        return 0.0 * decision_term(model, [[0]], ctx["prefixes"], [zero]) if D.ENABLED else None
-    d = decision_term(model, [ctx["record_of"][q]["prompt_ids"] for q in decide], ctx["prefixes"],
-                      [ctx["record_of"][q]["s_star"] for q in decide], args.temperature, args.decision_form)
-    d = d * args.decision_coef / ctx["queries"]
-    ctx["terms"]["loss_decision"] += d.item()
-    return d
 
 
 def decision_prefixes(tok, args):
@@ -404,23 +417,12 @@ def trimming(model, every):
     return [layer.register_forward_hook(hook) for i, layer in enumerate(layers) if i % every == every - 1]
 
 
-def padding_loss(model):
-    """Under --fsdp, a rank with fewer micro-batches than another still runs the same forwards
-    and backwards (each is a collective): a one-token pass with weight 0."""
-    return 0.0 * M.sequence_logprobs(model, [[0]], [[0]])[0].sum()
-
-
 def accumulate(model, micro, decide, ctx, args, stats, bar=None):
-    """The forwards and backwards of one optimiser step; the gradients add up in .grad.
-    The ratio loss and the decision term each get their own backward (see decision_loss)."""
+    """The forwards and backwards of one optimiser step; the gradients add up in .grad."""
     for j in range(D.all_max(len(micro))):
-        loss = micro_loss(model, micro[j], ctx, args, stats) if j < len(micro) else padding_loss(model)
+        loss = micro_loss(model, *((micro[j], decide[j]) if j < len(micro) else ([], [])), ctx, args, stats)
         loss.backward()
         del loss
-        loss = decision_loss(model, decide[j] if j < len(micro) else [], ctx, args)
-        if loss is not None:
-            loss.backward()
-            del loss
         release_freed_memory()
         if bar is not None:
             bar.update(len(micro[j]) if j < len(micro) else 0)

@@ -86,7 +86,7 @@ def test_raw_decision_term_is_s_star_weighted_prefix_logprob(tiny, tok):
     prefixes = {"cot": tok("Think.", add_special_tokens=False).input_ids,
                 "code": tok("Code.", add_special_tokens=False).input_ids}
     with torch.no_grad():
-        d = T.decision_term(tiny, [prompt], prefixes, [{"cot": 0.25, "code": 0.75}], form="raw")
+        d = T.decision_term(T.decision_logprobs(tiny, [prompt], prefixes, form="raw"), prefixes, [{"cot": 0.25, "code": 0.75}])
         lp = M.sequence_logprobs(tiny, [prompt, prompt], [prefixes["cot"], prefixes["code"]])
     assert d.item() == pytest.approx(-(0.25 * float(lp[0].sum()) + 0.75 * float(lp[1].sum())), rel=1e-5)
 
@@ -258,11 +258,11 @@ def test_normalised_decision_term_is_cross_entropy(tiny, tok):
         lp = M.sequence_logprobs(tiny, [prompt, prompt], [prefixes["cot"], prefixes["code"]])
         raw = torch.stack([lp[0].sum(), lp[1].sum()])
         pi = torch.softmax(raw, 0)
-        d = T.decision_term(tiny, [prompt], prefixes, [{"cot": 0.25, "code": 0.75}], form="normalized")
+        d = T.decision_term(T.decision_logprobs(tiny, [prompt], prefixes, form="normalized"), prefixes, [{"cot": 0.25, "code": 0.75}])
     assert d.item() == pytest.approx(-(0.25 * torch.log(pi[0]) + 0.75 * torch.log(pi[1])).item(), rel=1e-5)
     s_eq = [{"cot": float(pi[0]), "code": float(pi[1])}]
     tiny.zero_grad(set_to_none=True)
-    T.decision_term(tiny, [prompt], prefixes, s_eq, form="normalized").backward()
+    T.decision_term(T.decision_logprobs(tiny, [prompt], prefixes, form="normalized"), prefixes, s_eq).backward()
     g = torch.cat([p.grad.flatten() for p in tiny.parameters() if p.grad is not None])
     tiny.zero_grad(set_to_none=True)
     assert g.abs().max() < 1e-5
@@ -281,7 +281,7 @@ def test_absolute_form_is_the_code_tokens_own_probability_against_every_other_to
         p = full[prefixes["code"][0]].exp()
         rest = M.sequence_logprobs(tiny, [prompt], [prefixes["code"]])[0][1:].sum()
         lp = T.decision_logprobs(tiny, [prompt], prefixes, form="absolute")[0]
-        d = T.decision_term(tiny, [prompt], prefixes, [{"cot": 0.25, "code": 0.75}], form="absolute")
+        d = T.decision_term(T.decision_logprobs(tiny, [prompt], prefixes, form="absolute"), prefixes, [{"cot": 0.25, "code": 0.75}])
     assert p < 0.5 and lp[1].item() == pytest.approx((torch.log(p) + rest).item(), rel=1e-4)
     assert lp[0].item() == pytest.approx(torch.log1p(-p).item(), abs=1e-6)
     assert d.item() == pytest.approx(-(0.25 * lp[0] + 0.75 * lp[1]).item(), rel=1e-5)
@@ -290,7 +290,7 @@ def test_absolute_form_is_the_code_tokens_own_probability_against_every_other_to
     cut = {c: ids[:1] for c, ids in prefixes.items()}
     pi = T.choice_probability(tiny, [prompt], cut, form="absolute")[0]
     for form in ("absolute", "opening"):
-        term = T.decision_term(tiny, [prompt], cut, [{"cot": 1 - pi, "code": pi}], form=form)
+        term = T.decision_term(T.decision_logprobs(tiny, [prompt], cut, form=form), cut, [{"cot": 1 - pi, "code": pi}])
         g = grads(tiny, term)
         assert (g.abs().max() < 1e-5) == (form == "absolute"), form
         tiny.zero_grad(set_to_none=True)
@@ -307,24 +307,24 @@ def test_opening_form_never_pushes_a_decisions_continuation_down(tiny, tok, monk
                 "code": tok("```python\nprint(", add_special_tokens=False).input_ids}
     with torch.no_grad():
         lp = M.sequence_logprobs(tiny, [prompt, prompt], [prefixes["cot"], prefixes["code"]])
-        d = T.decision_term(tiny, [prompt], prefixes, [{"cot": 0.25, "code": 0.75}], form="opening")
+        d = T.decision_term(T.decision_logprobs(tiny, [prompt], prefixes, form="opening"), prefixes, [{"cot": 0.25, "code": 0.75}])
     choice = torch.log_softmax(torch.stack([lp[0][0], lp[1][0]]), 0)
     expected = -(0.25 * (choice[0] + lp[0][1:].sum()) + 0.75 * (choice[1] + lp[1][1:].sum()))
     assert d.item() == pytest.approx(expected.item(), rel=1e-5)
     with torch.no_grad():
-        d = T.decision_term(tiny, [prompt], prefixes, [{"cot": 0.25, "code": 0.75}])
+        d = T.decision_term(T.decision_logprobs(tiny, [prompt], prefixes), prefixes, [{"cot": 0.25, "code": 0.75}])
     assert d.item() == pytest.approx(-(0.25 * lp[0].sum() + 0.75 * lp[1].sum()).item(), rel=1e-5)
 
     real = M.sequence_logprobs
     for form, moved in (("raw", False), ("absolute", False), ("opening", False), ("normalized", True)):
         seen = []                      # the prefixes' log-prob tensors the term is built from
         monkeypatch.setattr(M, "sequence_logprobs", lambda *a, **k: seen.append(real(*a, **k)) or seen[-1])
-        term = T.decision_term(tiny, [prompt], prefixes, [{"cot": 1.0, "code": 0.0}], form=form)
+        term = T.decision_term(T.decision_logprobs(tiny, [prompt], prefixes, form=form), prefixes, [{"cot": 1.0, "code": 0.0}])
         (g,) = torch.autograd.grad(term, seen[0][1])
         assert bool((g[1:] != 0).any()) == moved, form
     monkeypatch.setattr(M, "sequence_logprobs", real)
     with pytest.raises(ValueError, match="differ"):
-        T.decision_term(tiny, [prompt], {"cot": [5, 6], "code": [5, 6, 7]}, [{"cot": 1.0, "code": 0.0}])
+        T.decision_term(T.decision_logprobs(tiny, [prompt], {"cot": [5, 6], "code": [5, 6, 7]}), {"cot": [5, 6], "code": [5, 6, 7]}, [{"cot": 1.0, "code": 0.0}])
 
 
 def test_k3_is_unbiased_for_kl_old_to_theta():
@@ -398,10 +398,8 @@ def test_m_step_keeps_every_tensor_on_the_model_device(tok, monkeypatch):
            "terms": {"loss_ratio": 0.0, "loss_decision": 0.0, "loss_kl": 0.0, "loss_sft": 0.0}}
     micro, decide = T.plan_step(items, 2, ctx, args)
     stats = {"ratio_mean": [], "ratio_max": [], "clipped": 0, "ratio_n": 0}
-    loss = T.micro_loss(meta_model, micro[0], ctx, args, stats)
-    assert loss.is_meta
-    loss.backward()
-    loss = T.decision_loss(meta_model, decide[0], ctx, args)
+    assert decide[0]                           # the micro-batch carries a decision term too
+    loss = T.micro_loss(meta_model, micro[0], decide[0], ctx, args, stats)
     assert loss.is_meta
     loss.backward()
 
