@@ -191,10 +191,13 @@ def memory_plan(s, world=1, dtype="bf16", micro_batch=4, prompt_len=200, new_tok
     bf16 matrix products), or "pure-bf16" (everything bf16: what --dtype bf16 did before issue
     9, kept to check the plan against the measurement made then). Sequences in the M-step are
     prompt + an 8-token forcing prefix + new_tokens long; with `decision`, each micro-batch also
-    runs the decision term over two prefixes of up to micro_batch prompts. Not counted: the CUDA
+    runs the decision term over two prefixes of up to micro_batch prompts. Every sequence is
+    counted whole: teacher forcing packs them behind the opening their prompts share
+    (model.sequence_logprobs), so this is an upper bound, and the packed row's L x L attention mask
+    (about 5 MB a layer as a bf16 bias at L = 1536) is left out. Not counted: the CUDA
     context (~0.5 GiB), the caching allocator's reserved-but-free blocks, NCCL buffers; leave
     10-15% of the card for them. Activations are counted for HF's eager PyTorch layers with SDPA
-    attention (no seq x seq matrix kept)."""
+    attention (no seq x seq matrix of scores kept)."""
     N, h, L, i, V = n_params(s), s["hidden"], s["layers"], s["intermediate"], s["vocab"]
     kv = s["kv_heads"] * h // s["heads"]
     master, c = {"fp32": (4, 4), "bf16": (4, 2), "pure-bf16": (2, 2)}[dtype]

@@ -108,7 +108,7 @@ def ratio_term(logp, old, sampled, adv, clip_eps=0.2, is_mode="surrogate", ratio
     "sequence_mean" (exp of the mean per-token log-ratio: a length-normalised sequence ratio
     that stays near 1 as long as each token's ratio does).
     """
-    total, units = 0.0, 0
+    total, units = 0.0 * sum(lp.sum() for lp in logp), 0      # a graph even if no token was sampled
     ratios, clipped = [], 0
     for lp, lo, m, a in zip(logp, old, sampled, adv):
         lp, lo = lp[m], lo[m]
@@ -129,7 +129,7 @@ def ratio_term(logp, old, sampled, adv, clip_eps=0.2, is_mode="surrogate", ratio
         clipped += int(((rho.detach() < 1 - clip_eps) | (rho.detach() > 1 + clip_eps)).sum())
     allr = torch.cat(ratios) if ratios else torch.ones(1)
     return total, units, {"ratio_mean": float(allr.mean()), "ratio_max": float(allr.max()),
-                          "clipped": clipped, "ratio_n": int(allr.numel())}
+                          "clipped": clipped, "ratio_n": sum(r.numel() for r in ratios)}
 
 
 def k3(logp, old):
@@ -280,26 +280,30 @@ def plan_step(step, batch_size, ctx, args):
     step's gradient does not depend on how it is split: the ratio term is averaged over the
     step's units (tokens or sequences), the decision term over the step's queries, and each
     query's decision term is added once, in the first micro-batch that holds one of its items.
-    Items are sorted by prompt, so that one query's rollouts share a micro-batch and its whole
-    prompt is computed once (sequence_logprobs packs them behind the opening they share), and a
-    micro-batch takes at most `batch_size` items and at most `--micro-tokens` packed tokens (one
-    item alone may exceed it): a 486-token response beside three others once set a run's peak
-    memory."""
-    micro = []
+    Items are sorted by prompt, so that rollouts of one query sit together and share their prompt
+    in the packed forward (sequence_logprobs), and a micro-batch takes at most `batch_size` items
+    and at most `--micro-tokens` packed tokens, its decision prefixes included (one item alone may
+    exceed it): a 486-token response beside three others once set a run's peak memory."""
+    def carries_decision(q):
+        return args.algo == "em" and bool(args.decision_coef) and (
+            args.decision_queries == "all" or informative(ctx["record_of"][q], args.ties))
+    micro, seqs, seen = [], [], set()
     for it in sorted(step, key=lambda it: (it["prompt_ids"], len(it["response_ids"]))):
-        grown = micro[-1] + [it] if micro else [it]
-        if micro and len(grown) <= batch_size and M.packed_length([x["prompt_ids"] for x in grown],
-                                                                  [x["response_ids"] for x in grown]) <= args.micro_tokens:
-            micro[-1] = grown
+        new = [(it["prompt_ids"], it["response_ids"])]
+        if it["query_id"] not in seen and carries_decision(it["query_id"]):     # its decision term rides here
+            new += zip(*decision_sequences([ctx["record_of"][it["query_id"]]["prompt_ids"]], ctx["prefixes"]))
+        seen.add(it["query_id"])
+        if micro and len(micro[-1]) < batch_size and M.packed_length(*zip(*seqs + new)) <= args.micro_tokens:
+            micro[-1].append(it)
+            seqs += new
         else:
             micro.append([it])
+            seqs = new
     per_token = args.ratio == "token" or args.algo == "sft"
     first = {}
     for j, mb in enumerate(micro):
         for it in mb:
             first.setdefault(it["query_id"], j)
-    def carries_decision(q):
-        return args.algo == "em" and (args.decision_queries == "all" or informative(ctx["record_of"][q], args.ties))
     decide = [[q for q, j0 in first.items() if j0 == j and carries_decision(q)] for j in range(len(micro))]
     ctx.update(units=max(1, sum(sum(it["mask"]) if per_token else 1 for it in step)),
                tokens=max(1, sum(sum(it["mask"]) for it in step)), queries=max(1, len(first)))
@@ -309,13 +313,12 @@ def plan_step(step, batch_size, ctx, args):
 def micro_loss(model, mb, queries, ctx, args, stats):
     """The loss of one micro-batch, normalised by its whole optimiser step (ctx), so the
     micro-batches of a step simply add up: the ratio (or sft) term of its rollouts, plus lambda
-    times the decision term of `queries` (plan_step gives each query's to one micro-batch). One
-    packed forward holds both: a query's decision prefixes follow its rollouts behind the prompt
-    they share (sequence_logprobs), so the decision term costs a few tokens, not another
-    forward over the prompt. Under --fsdp a rank with nothing left still runs a forward and a
+    times the decision term of `queries` (plan_step gives each query's to one micro-batch; none
+    under --algo rl/sft or --decision-coef 0). One packed forward holds both: a query's decision
+    prefixes follow its rollouts behind the opening they share (sequence_logprobs), so the few-shot
+    demonstrations are not run again for the decision term. Under --fsdp a rank with nothing left still runs a forward and a
     backward (each is a collective): one token, weight 0. Adds the loss terms to ctx["terms"]
     and ratio stats to `stats`."""
-    queries = queries if args.algo == "em" and args.decision_coef else []
     if queries and args.decision_trust:
         queries = within_trust(model, queries, ctx, args)
     prompts, responses = decision_sequences([ctx["record_of"][q]["prompt_ids"] for q in queries], ctx["prefixes"])

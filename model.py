@@ -957,14 +957,16 @@ def sequence_logprobs(model, prompts, responses, temperature=1.0, chunk=256):
 def attention_mask(model, sees):
     """A [query, key] boolean "may attend" matrix as the model's attention takes it: as is for
     sdpa, as 0 / a large negative number to add for eager. Flash attention and others ignore a
-    4-d mask (every token would see every earlier one, across sequences), so they are refused."""
-    kind = getattr(getattr(model, "config", None), "_attn_implementation", None) or "sdpa"
+    4-d mask (every token would see every earlier one, across sequences), and a sliding window
+    would not apply under it: both are refused, as is a model that does not say its attention."""
+    config = getattr(model, "config", None)
+    kind = getattr(config, "_attn_implementation", None)
+    if kind not in ("sdpa", "eager") or getattr(config, "use_sliding_window", False):
+        raise ValueError(f"teacher forcing packs sequences behind a block mask, which attention {kind!r} "
+                         "(or a sliding window) does not take: load the model with attn_implementation='sdpa'")
     if kind == "sdpa":
         return sees[None, None]
-    if kind == "eager":
-        return torch.zeros(sees.shape).masked_fill(~sees, torch.finfo(torch.float32).min)[None, None]
-    raise ValueError(f"teacher forcing packs sequences behind a block mask, which attention {kind!r} "
-                     "does not take: load the model with attn_implementation='sdpa'")
+    return torch.zeros(sees.shape).masked_fill(~sees, torch.finfo(torch.float32).min)[None, None]
 
 
 def _token_logprobs(logits, targets, temperature):

@@ -674,6 +674,43 @@ def test_autonomous_prompt_reaches_every_rollout_and_evaluation(tmp_path, tok, m
     assert "Python" not in E.AUTONOMOUS["neutral"] and "code" not in E.AUTONOMOUS["neutral"]
 
 
+def test_the_token_budget_counts_the_decision_prefixes_a_micro_batch_carries():
+    """A query's decision term rides in the forward of the micro-batch holding its first rollout,
+    so --micro-tokens counts its two prefix sequences too: here the four rollouts alone would
+    fit in one micro-batch (400 tokens packed), with both queries' prefixes they do not (576)."""
+    demo = list(range(3, 163))
+    records = [{"query_id": f"q{i}", "prompt_ids": demo + [500 + i] * 40, "s_star": {"cot": 0.5, "code": 0.5},
+                "q_hat": {"cot": 0.0, "code": 1.0}} for i in range(2)]
+    step = [{"query_id": r["query_id"], "prompt_ids": r["prompt_ids"], "response_ids": [2] * 20, "mask": [1]}
+            for r in records for _ in range(2)]
+    ctx = {"prefixes": {"cot": [1, 2, 3, 4], "code": [5, 6, 7, 8]}, "record_of": {r["query_id"]: r for r in records}}
+    assert M.packed_length([it["prompt_ids"] for it in step], [it["response_ids"] for it in step]) == 400
+    micro, decide = T.plan_step(step, 4, ctx, args_for(micro_tokens=450))
+    assert [[it["query_id"] for it in mb] for mb in micro] == [["q0", "q0"], ["q1", "q1"]] and decide == [["q0"], ["q1"]]
+    for mb, qs in zip(micro, decide):
+        extra = T.decision_sequences([ctx["record_of"][q]["prompt_ids"] for q in qs], ctx["prefixes"])
+        assert M.packed_length([it["prompt_ids"] for it in mb] + extra[0], [it["response_ids"] for it in mb] + extra[1]) <= 450
+    micro, decide = T.plan_step(step, 4, ctx, args_for(micro_tokens=450, decision_coef=0.0))
+    assert len(micro) == 1 and decide == [[]]                 # no decision term, nothing to count
+
+
+def test_a_micro_batch_without_a_sampled_token_still_runs_its_backward(tiny, tok):
+    """Under --fsdp every rank runs every backward: an item whose tokens were all forced (none
+    sampled) gives a zero loss that still has a graph, not a float 0."""
+    records = step_records(tiny, tok, [[1.0, 0.0, 1.0]])
+    items = T.training_data("em", records, "whiten", 99, __import__("random").Random(0))
+    for it in items:
+        it["mask"] = [0] * len(it["mask"])
+    args = args_for(algo="rl")
+    ctx = {"prefixes": {}, "record_of": {r["query_id"]: r for r in records}, "units": 1, "tokens": 1, "queries": 1,
+           "terms": {"loss_ratio": 0.0, "loss_decision": 0.0, "loss_kl": 0.0, "loss_sft": 0.0}}
+    stats = {"ratio_mean": [], "ratio_max": [], "clipped": 0, "ratio_n": 0}
+    loss = T.micro_loss(tiny, items, [], ctx, args, stats)
+    loss.backward()
+    assert loss.item() == 0.0 and stats["ratio_n"] == 0
+    tiny.zero_grad(set_to_none=True)
+
+
 def test_micro_batches_group_a_querys_rollouts_within_a_packed_token_budget():
     """plan_step sorts a step's items by prompt and closes a micro-batch at --batch-size items or
     --micro-tokens packed tokens (the shared prompt opening counted once); an item longer than

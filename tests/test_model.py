@@ -222,10 +222,14 @@ def test_teacher_forcing_computes_a_shared_opening_once_and_takes_eager_attentio
 
 
 def test_teacher_forcing_refuses_an_attention_that_ignores_its_mask(tok):
-    """Flash attention takes no 4-d mask: the packed sequences would see each other."""
+    """Flash attention takes no 4-d mask: the packed sequences would see each other; a sliding
+    window would not apply."""
     model = M.tiny_model(tok, seed=1).eval()
     model.config._attn_implementation = "flash_attention_2"     # set directly: no flash-attn package here
     with pytest.raises(ValueError, match="sdpa"):
+        M.sequence_logprobs(model, [[1, 2, 3], [1, 2, 4]], [[5], [6]])
+    model.config._attn_implementation, model.config.use_sliding_window = "sdpa", True
+    with pytest.raises(ValueError, match="sliding window"):
         M.sequence_logprobs(model, [[1, 2, 3], [1, 2, 4]], [[5], [6]])
 
 
@@ -256,7 +260,7 @@ def test_teacher_forcing_follows_the_logits_device_not_the_parameters(tiny, tok)
     class Offloaded(torch.nn.Module):
         def __init__(self, inner):
             super().__init__()
-            self.inner = inner
+            self.inner, self.config = inner, inner.config
 
         def forward(self, **kwargs):
             return SimpleNamespace(logits=self.inner(**kwargs).logits.to("meta"))
