@@ -486,9 +486,10 @@ def check_writable(path, flag="--out", file=False):
 
 # Seconds per rollout per allowed new token, from the README's Results on a 2-core CPU: one
 # default em_train.py iteration (160 E-step + 96 evaluation rollouts of up to 64 tokens, and
-# the M-step) took 127-155 s, ~145 s (runs em-s0, em-s1); `--model tiny --iterations 2` took
-# 76 s (an older measurement). Only the plans use them.
-SECONDS_PER_ROLLOUT_TOKEN = {("smollm2-135m", "cpu"): 145 / (256 * 64), ("tiny", "cpu"): 38 / (144 * 256)}
+# the M-step) took 116-129 s, 124 s on average (seed 4 at 1a1f70e, packed teacher forcing;
+# 127-155 s before it); `--model tiny --iterations 2` took 76 s (an older measurement). Only
+# the plans use them.
+SECONDS_PER_ROLLOUT_TOKEN = {("smollm2-135m", "cpu"): 124 / (256 * 64), ("tiny", "cpu"): 38 / (144 * 256)}
 
 
 def expected_time(model, device, rollouts, max_new_tokens, iterations=1):
