@@ -21,7 +21,7 @@ Pieces, top to bottom:
            selection accuracy (when all three modes ran: the oracle decision per problem is
            the forced mode that solved it, CoT preferred on ties, as in the paper; the
            autonomous run's decision is "code" when it executed a block), per-level /
-           per-subject accuracy for MATH, tokens/s.
+           per-subject / per-group accuracy (sample 0) and code rate (all samples), tokens/s.
   output   <out>/samples.jsonl (every sample, appended as it is graded), <out>/summary.json
            (written atomically) and a printed table. Re-running with the same --out resumes,
            with the settings that made its samples only (<out>/run.json).
@@ -379,15 +379,16 @@ def summarize(records, modes):
              "mean_code_calls": len(calls) / len(flat),
              "exec_error_rate": sum(not c.get("ok", True) for c in calls) / len(calls) if calls else 0.0,
              "no_answer_rate": sum(r["pred"] is None for r in flat) / len(flat)}
-        for key in GROUP_KEYS:
-            groups = defaultdict(list)
-            for r in first:
-                if key in r:
-                    groups[str(r[key])].append(r)
-            if groups:
-                s[f"accuracy_by_{key}"] = {g: sum(r["correct"] for r in v) / len(v) for g, v in sorted(groups.items())}
+        for key in GROUP_KEYS:      # accuracy from sample 0, code rate from every sample, as above
+            firsts, alls = defaultdict(list), defaultdict(list)
+            for rs, group in ((first, firsts), (flat, alls)):
+                for r in rs:
+                    if key in r:
+                        group[str(r[key])].append(r)
+            if firsts:
+                s[f"accuracy_by_{key}"] = {g: sum(r["correct"] for r in v) / len(v) for g, v in sorted(firsts.items())}
                 s[f"code_rate_by_{key}"] = {g: sum(bool(r["code_calls"]) for r in v) / len(v)
-                                            for g, v in sorted(groups.items())}
+                                            for g, v in sorted(alls.items())}
         summary[mode] = s
     if all(m in by for m in ("autonomous", "cot", "code")):
         hits, total = 0, 0

@@ -96,6 +96,12 @@ def test_metrics_and_selection_accuracy():
     # oracle: a -> cot (tie, CoT preferred), b -> code, c -> none; autonomous chose cot, cot
     assert s["selection_accuracy"] == {"value": 0.5, "problems_with_oracle": 2}
     assert E.pass_at_k(4, 1, 1) == pytest.approx(0.25) and E.pass_at_k(4, 1, 4) == 1.0
+    # a second sample that codes where the first did not: the code rates (overall and per group)
+    # count every sample, the accuracies sample 0
+    records.append(dict(rec("b", "autonomous", 1, True, True), group="easy"))
+    s = E.summarize(records, ["autonomous"])["autonomous"]
+    assert s["code_rate"] == pytest.approx(2 / 4) and s["code_rate_by_group"] == {"compute": 1.0, "easy": 1 / 3}
+    assert s["accuracy_by_group"] == {"compute": 0.0, "easy": 0.5}
 
 
 @pytest.mark.parametrize("preds,correct,numeric,want", [
