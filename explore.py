@@ -90,9 +90,10 @@ def weighted_subsample(weights, keep, rng):
 
 
 @torch.no_grad()
-def prefix_prior(model, tok, prompt, prefixes):
-    """pi(c|x) from the model's probability of each decision prefix, normalised."""
-    lps = M.sequence_logprobs(model, [prompt] * len(prefixes), [prefixes[c] for c in DECISIONS])
+def prefix_prior(model, tok, prompt, prefixes, temperature=1.0):
+    """pi(c|x) from the model's probability of each decision prefix, normalised, at the
+    sampling temperature (the policy the rollouts come from)."""
+    lps = M.sequence_logprobs(model, [prompt] * len(prefixes), [prefixes[c] for c in DECISIONS], temperature)
     logp = {c: float(lp.sum()) for c, lp in zip(DECISIONS, lps)}
     z = max(logp.values())
     w = {c: math.exp(logp[c] - z) for c in DECISIONS}
@@ -138,7 +139,7 @@ def explore(model, tok, problems, k=4, native_k=2, estep="softmax", alpha=5.0, p
         q_hat = {c: sum(r for (d, _), r in zip(pool, rewards) if d == c) / k for c in DECISIONS}
         native_rate = sum(bool(o.code_calls) for o in native) / len(native) if native else None
         if prior == "prefix":
-            pi = prefix_prior(model, tok, prompts[qi], prefixes)
+            pi = prefix_prior(model, tok, prompts[qi], prefixes, temperature)
         elif prior == "native":
             rate = (sum(bool(o.code_calls) for o in native) + 1) / (len(native) + 2)
             pi = {"cot": 1.0 - rate, "code": rate}

@@ -76,6 +76,14 @@ def test_explore_tiny_end_to_end(tiny, tok):
         lp = {c: float(M.sequence_logprobs(tiny, [rec["prompt_ids"]], [ids[c]])[0].sum()) for c in ids}
     assert pri["code"] == pytest.approx(1 / (1 + math.exp(lp["cot"] - lp["code"])), abs=1e-6)
     assert sum(pri.values()) == pytest.approx(1.0)
+    # at another sampling temperature the prior is that tempered policy's, not the T = 1 one's
+    hot = X.explore(tiny, tok, problems[:1], k=1, prior="prefix", max_new_tokens=4, temperature=3.0,
+                    progress=False)[0]["prior"]
+    with torch.no_grad():
+        lp = {c: float(M.sequence_logprobs(tiny, [rec["prompt_ids"]], [ids[c]], 3.0)[0].sum()) for c in ids}
+    assert hot["code"] == pytest.approx(1 / (1 + math.exp(lp["cot"] - lp["code"])), abs=1e-6)
+    logit = lambda q: math.log(q["code"] / q["cot"])
+    assert abs(logit(hot) - logit(pri)) > 0.1
 
 
 def test_softmax_survives_a_huge_alpha():
