@@ -160,16 +160,30 @@ def _compare_numbers(a, b, inexact):
 
 
 class _Worker:
+    """One comparison at a time in a child process. TIME_LIMIT times the comparison alone: a new
+    worker first says "ready" once its imports are done (math-verify and sympy take seconds on
+    a cold or slow machine), or the first answer after every restart, right ones included,
+    could be a timeout and False."""
+    command = [sys.executable, __file__, "--serve"]
+
     def __init__(self):
         self.proc = None
         self.lock = threading.Lock()
+
+    def start(self):
+        self.proc = subprocess.Popen(self.command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        if self.proc.stdout.readline() != "ready\n":
+            self.proc.kill()
+            self.proc.wait()
+            self.proc = None
+            raise RuntimeError("the grader's worker process died while importing math-verify; "
+                               "run `python grader.py 1 1` to see why")
 
     def ask(self, pred, ref):
         global TIMEOUTS
         with self.lock:
             if self.proc is None or self.proc.poll() is not None:
-                self.proc = subprocess.Popen([sys.executable, __file__, "--serve"], stdin=subprocess.PIPE,
-                                             stdout=subprocess.PIPE, text=True)
+                self.start()
             self.proc.stdin.write(json.dumps([pred, ref]) + "\n")
             self.proc.stdin.flush()
             line = [None]
@@ -207,6 +221,8 @@ def serve():
     import logging
     import math_verify  # noqa: F401  (import once, before the first request)
     logging.disable(logging.WARNING)          # it warns that we time out for it: we do
+    sys.stdout.write("ready\n")               # the clock on each comparison starts after this
+    sys.stdout.flush()
     for line in sys.stdin:
         pred, ref = json.loads(line)
         try:

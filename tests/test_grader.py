@@ -1,4 +1,6 @@
 """The grader against a table of (prediction, reference, verdict) a careful human agrees with."""
+import sys
+
 import pytest
 
 import grader
@@ -114,3 +116,30 @@ def test_hard_time_limit_kills_and_counts(monkeypatch):
     assert grader.is_equiv(slow, "1") is False
     assert grader.TIMEOUTS == before + 1
     assert grader.is_equiv("2", "2") is True                          # the worker came back
+
+
+def test_the_time_limit_does_not_count_a_new_workers_imports(monkeypatch):
+    """A restarted worker imports math-verify before it can answer; on a slow machine that took
+    longer than the limit and the right answer after a timeout came back False. A worker whose
+    start takes 1.5 s still answers under a 0.5 s limit."""
+    slow_start = ("import runpy, sys, time; time.sleep(1.5); sys.argv = [sys.argv[1], '--serve']; "
+                  "runpy.run_path(sys.argv[0], run_name='__main__')")
+    worker = grader._Worker()
+    monkeypatch.setattr(worker, "command", [sys.executable, "-c", slow_start, grader.__file__])
+    monkeypatch.setattr(grader, "TIME_LIMIT", 0.5)
+    before = grader.TIMEOUTS
+    try:
+        assert worker.ask("\\frac{1}{2}", "0.5") is True
+        assert grader.TIMEOUTS == before
+    finally:
+        if worker.proc is not None:
+            worker.proc.kill()
+            worker.proc.wait()
+
+
+def test_a_worker_that_dies_while_importing_is_one_clear_error(monkeypatch):
+    worker = grader._Worker()
+    monkeypatch.setattr(worker, "command", [sys.executable, "-c", "raise SystemExit(3)"])
+    with pytest.raises(RuntimeError, match="died while importing"):
+        worker.ask("1", "1")
+    assert worker.proc is None
