@@ -127,8 +127,9 @@ def ratio_term(logp, old, sampled, adv, clip_eps=0.2, is_mode="surrogate", ratio
         units += rho.numel()
         ratios.append(rho.detach())
         clipped += int(((rho.detach() < 1 - clip_eps) | (rho.detach() > 1 + clip_eps)).sum())
-    allr = torch.cat(ratios) if ratios else torch.ones(1)
-    return total, units, {"ratio_mean": float(allr.mean()), "ratio_max": float(allr.max()),
+    allr = torch.cat(ratios) if ratios else None               # no sampled token: no ratio to report
+    return total, units, {"ratio_mean": None if allr is None else float(allr.mean()),
+                          "ratio_max": None if allr is None else float(allr.max()),
                           "clipped": clipped, "ratio_n": sum(r.numel() for r in ratios)}
 
 
@@ -348,7 +349,8 @@ def ratio_loss(logp, mb, ctx, args, stats):
     loss = total / ctx["units"]
     ctx["terms"]["loss_ratio"] += loss.item()
     for key in ("ratio_mean", "ratio_max"):
-        stats[key].append(st[key])
+        if st["ratio_n"]:                      # a micro-batch of forced tokens only would read as 1.0
+            stats[key].append(st[key])
     stats["clipped"] += st["clipped"]
     stats["ratio_n"] += st["ratio_n"]
     if args.kl_coef:

@@ -696,7 +696,7 @@ def test_the_token_budget_counts_the_decision_prefixes_a_micro_batch_carries():
 
 def test_a_micro_batch_without_a_sampled_token_still_runs_its_backward(tiny, tok):
     """Under --fsdp every rank runs every backward: an item whose tokens were all forced (none
-    sampled) gives a zero loss that still has a graph, not a float 0."""
+    sampled) gives a zero loss that still has a graph, not a float 0, and no ratio to the statistics."""
     records = step_records(tiny, tok, [[1.0, 0.0, 1.0]])
     items = T.training_data("em", records, "whiten", 99, __import__("random").Random(0))
     for it in items:
@@ -708,6 +708,7 @@ def test_a_micro_batch_without_a_sampled_token_still_runs_its_backward(tiny, tok
     loss = T.micro_loss(tiny, items, [], ctx, args, stats)
     loss.backward()
     assert loss.item() == 0.0 and stats["ratio_n"] == 0
+    assert stats["ratio_mean"] == stats["ratio_max"] == []     # it adds no ratio of 1.0 to the means
     tiny.zero_grad(set_to_none=True)
 
 
