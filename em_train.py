@@ -556,7 +556,8 @@ def _metrics_line(path, lineno, line):
 
 
 # ---------------------------------------------------------------------------------------
-# Precision: fp32 master weights and optimizer state; --dtype bf16 computes in bf16
+# Precision: fp32 master weights and optimizer state; --dtype bf16 computes in bf16 (auto, the
+# default: bf16 where its matrix products are fast, model.fast_bf16; fp32 elsewhere)
 # ---------------------------------------------------------------------------------------
 def sampler_of(model, args):
     """The model the sampler runs. With --dtype bf16 in one process: a bf16 copy of the fp32
@@ -565,7 +566,7 @@ def sampler_of(model, args):
     Its behaviour log-probs then differ from the M-step's teacher forcing (fp32 weights,
     bf16 autocast) by bf16 rounding, so the on-policy ratio is 1 within bf16 noise. Under
     --fsdp the gathered parameters are already bf16 (distributed.shard's policy)."""
-    if args.dtype == "fp32" or args.fsdp:
+    if args.dtype != "bf16" or args.fsdp:
         return model
     # each weight cast straight to bf16 as the copy is made: deepcopy then .to() held a whole
     # fp32 copy for a moment (measured on the embedded model: +0.58 GB at the copy, now +0.26)
@@ -650,8 +651,9 @@ def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--algo", default="em", choices=["em", "rl", "sft"])
     ap.add_argument("--model", default=M.DEFAULT_MODEL)
-    ap.add_argument("--dtype", default="bf16", choices=list(M.DTYPES),
-                    help="bf16: fp32 master weights and AdamW state, bf16 matrix products (~2.5x faster on CPU)")
+    ap.add_argument("--dtype", default="auto", choices=["auto", *M.DTYPES],
+                    help="bf16: fp32 master weights and AdamW state, bf16 matrix products (~2.5x faster on "
+                         "AVX-512 CPUs and GPUs, ~50x slower on AVX2-only CPUs); auto: bf16 where it is fast, else fp32")
     ap.add_argument("--device", default=None)
     ap.add_argument("--data", default="builtin:train")
     ap.add_argument("--train-size", type=int, default=2000, help="queries drawn from (built-in task size)")
@@ -779,6 +781,7 @@ def main(argv=None):
     rank, world = 0, 1
     if args.fsdp:
         rank, world, device = D.setup(args.cpu_offload)
+    args.dtype = M.pick_dtype(args.dtype, device)     # auto: bf16 where its products are fast, else fp32
     if D.is_main():
         print_plan(args, n_data, device, world)
     os.makedirs(args.out, exist_ok=True)

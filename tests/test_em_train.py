@@ -92,7 +92,8 @@ def test_raw_decision_term_is_s_star_weighted_prefix_logprob(tiny, tok):
 
 
 FAST = ["--model", "tiny", "--queries-per-iter", "2", "--k", "2", "--max-new-tokens", "8", "--eval-n", "2",
-        "--eval-modes", "cot", "--batch-size", "2", "--grad-accum", "2", "--lr", "1e-3", "--decision-coef", "0.1"]
+        "--eval-modes", "cot", "--batch-size", "2", "--grad-accum", "2", "--lr", "1e-3", "--decision-coef", "0.1",
+        "--dtype", "bf16"]                 # what the default (auto) picks on an AVX-512 CPU, on every machine
 
 
 def weights(path):
@@ -736,3 +737,25 @@ def test_micro_batches_group_a_querys_rollouts_within_a_packed_token_budget():
     assert [mb for mb in micro if any(it["query_id"] == "q9" for it in mb)] == [[next(it for it in step if it["query_id"] == "q9")]]
     assert [len(mb) for mb in micro if mb[0]["query_id"] == "q8"] == [4]
     assert max(map(len, micro)) == 4            # short items still fill a micro-batch
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_dtype_auto_computes_in_bf16_only_where_bf16_is_fast(monkeypatch, capsys, tmp_path, fast):
+    """The default --dtype auto: on a CPU without oneDNN bf16 kernels (AVX2 only) a bf16 matrix
+    product ran ~50x slower than fp32, so auto trains and samples in fp32 there and says so;
+    where bf16 is fast it is bf16, the master weights fp32 either way."""
+    monkeypatch.setattr(M, "fast_bf16", lambda device: fast)
+    seen = {}
+
+    class Planned(Exception):
+        pass
+
+    def stop_at_plan(args, *rest):
+        seen["dtype"] = args.dtype
+        raise Planned
+    monkeypatch.setattr(T, "print_plan", stop_at_plan)
+    with pytest.raises(Planned):
+        T.main(["--model", "tiny", "--out", str(tmp_path / "run")])
+    assert T.parse_args([]).dtype == "auto"
+    assert seen["dtype"] == ("bf16" if fast else "fp32")
+    assert ("--dtype auto: fp32" in capsys.readouterr().err) is not fast

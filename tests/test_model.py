@@ -407,3 +407,28 @@ def test_packed_linears_sample_a_bf16_model_and_stand_aside_where_they_cannot_ap
     wrapped.inner = M.tiny_model(tok)
     with M.packed_linears(wrapped, 4) as k:
         assert not k.on and not any("forward" in m.__dict__ for m in wrapped.modules())
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_pick_dtype_says_when_bf16_would_be_slow(monkeypatch, capsys, fast):
+    """auto resolves to bf16 only where its products are fast; an explicit bf16 is kept but, on a
+    CPU without oneDNN bf16 kernels, one line says it is ~50x slower; fp32 is never questioned.
+    load_model goes through it, so evaluate/explore/bench warn as em_train does."""
+    monkeypatch.setattr(M, "fast_bf16", lambda device: fast)
+    assert M.pick_dtype("auto", "cpu") == ("bf16" if fast else "fp32")
+    assert ("--dtype auto: fp32" in capsys.readouterr().err) is not fast
+    assert M.pick_dtype("bf16", "cpu") == "bf16"
+    assert ("~50x slower" in capsys.readouterr().err) is not fast
+    assert M.pick_dtype("fp32", "cpu") == "fp32" and capsys.readouterr().err == ""
+    model, _ = M.load_model("tiny", "bf16", "cpu")
+    assert next(model.parameters()).dtype == torch.bfloat16
+    assert ("~50x slower" in capsys.readouterr().err) is not fast
+
+
+def test_fast_bf16_follows_the_cpus_onednn_kernels(monkeypatch):
+    """The CPU answer is oneDNN's own: no bf16 kernels (or no oneDNN) means slow."""
+    for kernels, mkldnn, want in [(True, True, True), (False, True, False), (True, False, False)]:
+        monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda k=kernels: k, raising=False)
+        monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda m=mkldnn: m)
+        assert M.fast_bf16("cpu") is want
+        assert M.fast_bf16(torch.device("cpu")) is want
