@@ -653,7 +653,7 @@ def parse_args(argv=None):
     ap.add_argument("--model", default=M.DEFAULT_MODEL)
     ap.add_argument("--dtype", default="auto", choices=["auto", *M.DTYPES],
                     help="bf16: fp32 master weights and AdamW state, bf16 matrix products (~2.5x faster on "
-                         "AVX-512 CPUs and GPUs, ~50x slower on AVX2-only CPUs); auto: bf16 where it is fast, else fp32")
+                         "CPUs with native bf16 and GPUs, ~50x slower on AVX2-only CPUs); auto: bf16 where it is native, else fp32")
     ap.add_argument("--device", default=None)
     ap.add_argument("--data", default="builtin:train")
     ap.add_argument("--train-size", type=int, default=2000, help="queries drawn from (built-in task size)")

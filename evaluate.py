@@ -485,7 +485,7 @@ def check_writable(path, flag="--out", file=False):
         fail(f"{flag} {path}: cannot create files under {base} ({e.strerror})")
 
 
-# Seconds per rollout per allowed new token, from the README's Results on a 2-core CPU: one
+# Seconds per rollout per allowed new token, from the README's Results on a 2-core CPU with native bf16: one
 # default em_train.py iteration (160 E-step + 96 evaluation rollouts of up to 64 tokens, and
 # the M-step) took 116-129 s, 124 s on average (seed 4 at 1a1f70e, packed teacher forcing;
 # 127-155 s before it); `--model tiny --iterations 2` took 76 s (an older measurement). Only
@@ -504,7 +504,8 @@ def expected_time(model, device, rollouts, max_new_tokens, iterations=1):
     def fmt(m):
         return f"about {m:.0f} min" if m >= 1 else "under a minute"
     each = f" ({fmt(minutes)} per iteration)" if iterations > 1 else ""
-    return f"{fmt(minutes * iterations)}{each} on a 2-core CPU (measured there; this machine has {os.cpu_count()} cores)"
+    return (f"{fmt(minutes * iterations)}{each} on a 2-core CPU with native bf16 (measured there, in bf16; "
+            f"this machine has {os.cpu_count()} cores)")
 
 
 def print_plan(text):

@@ -67,15 +67,19 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 def fast_bf16(device):
     """Whether bf16 matrix products are fast on `device`: a CUDA GPU that supports bf16, or a
-    CPU whose oneDNN has bf16 kernels (AVX-512 and newer). Elsewhere torch falls back to a
-    plain loop: on a 2-core AMD EPYC with AVX2 only, a [32 x 576] @ [576 x 1536] product ran
-    at 1.3 GFLOP/s in bf16 against 70 in fp32, where an AVX-512 machine gave bf16 ~2.5x fp32."""
+    CPU with native bf16 instructions (AVX512_BF16 or AMX) under oneDNN. Elsewhere bf16 is
+    emulated: on a 2-core AMD EPYC with AVX2 only, a [32 x 576] @ [576 x 1536] product ran at
+    1.3 GFLOP/s in bf16 against 70 in fp32, where the AMX-era machine of the README's numbers
+    gave bf16 ~2.5x fp32. AVX-512 without bf16 runs oneDNN's emulation, reported 3-4x slower
+    than fp32 (onnxruntime's oneDNN tests say so; not measured here)."""
     kind = torch.device(device).type
     if kind == "cuda":
         return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     if kind == "cpu":
-        has_kernels = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
-        return bool(has_kernels and torch.backends.mkldnn.is_available() and has_kernels())
+        has = lambda name: bool(getattr(torch.cpu, name, lambda: False)())       # noqa: E731
+        kernels = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+        return bool(torch.backends.mkldnn.is_available() and kernels and kernels()
+                    and (has("_is_avx512_bf16_supported") or has("_is_amx_tile_supported")))
     return True                                    # another accelerator: take the flag at its word
 
 
@@ -85,11 +89,11 @@ def pick_dtype(name, device):
     if name == "auto":
         name = "bf16" if fast_bf16(device) else "fp32"
         if name == "fp32":
-            print(f"[model] --dtype auto: fp32, since bf16 matrix products have no fast kernels on this "
-                  f"{torch.device(device).type} (no AVX-512)", file=sys.stderr)
+            print(f"[model] --dtype auto: fp32, since bf16 matrix products are emulated on this "
+                  f"{torch.device(device).type} (no AVX512_BF16 or AMX)", file=sys.stderr)
     elif name == "bf16" and not fast_bf16(device):
-        print(f"[model] bf16 matrix products have no fast kernels on this {torch.device(device).type} (no "
-              "AVX-512): ~50x slower than fp32 measured on such a CPU; --dtype fp32 avoids it", file=sys.stderr)
+        print(f"[model] bf16 matrix products are emulated on this {torch.device(device).type} (no AVX512_BF16 "
+              "or AMX): ~50x slower than fp32 on an AVX2 CPU here; --dtype fp32 avoids it", file=sys.stderr)
     return name
 
 
@@ -444,7 +448,7 @@ class packed_linears:
         self.model, self.rows, self.undo = model, rows, []
         self.on = (enabled and weight.device.type == "cpu" and torch.backends.mkldnn.is_available()
                    and (weight.dtype == torch.float32
-                        or weight.dtype == torch.bfloat16 and fast_bf16("cpu"))
+                        or weight.dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported())
                    and not sharded(model))
 
     def __enter__(self):

@@ -93,7 +93,7 @@ def test_raw_decision_term_is_s_star_weighted_prefix_logprob(tiny, tok):
 
 FAST = ["--model", "tiny", "--queries-per-iter", "2", "--k", "2", "--max-new-tokens", "8", "--eval-n", "2",
         "--eval-modes", "cot", "--batch-size", "2", "--grad-accum", "2", "--lr", "1e-3", "--decision-coef", "0.1",
-        "--dtype", "bf16"]                 # what the default (auto) picks on an AVX-512 CPU, on every machine
+        "--dtype", "bf16"]                 # what auto picks where bf16 is native, on every machine
 
 
 def weights(path):
@@ -741,7 +741,7 @@ def test_micro_batches_group_a_querys_rollouts_within_a_packed_token_budget():
 
 @pytest.mark.parametrize("fast", [True, False])
 def test_dtype_auto_computes_in_bf16_only_where_bf16_is_fast(monkeypatch, capsys, tmp_path, fast):
-    """The default --dtype auto: on a CPU without oneDNN bf16 kernels (AVX2 only) a bf16 matrix
+    """The default --dtype auto: on a CPU without native bf16 (AVX2 only, here) a bf16 matrix
     product ran ~50x slower than fp32, so auto trains and samples in fp32 there and says so;
     where bf16 is fast it is bf16, the master weights fp32 either way."""
     monkeypatch.setattr(M, "fast_bf16", lambda device: fast)

@@ -412,7 +412,7 @@ def test_packed_linears_sample_a_bf16_model_and_stand_aside_where_they_cannot_ap
 @pytest.mark.parametrize("fast", [True, False])
 def test_pick_dtype_says_when_bf16_would_be_slow(monkeypatch, capsys, fast):
     """auto resolves to bf16 only where its products are fast; an explicit bf16 is kept but, on a
-    CPU without oneDNN bf16 kernels, one line says it is ~50x slower; fp32 is never questioned.
+    CPU without native bf16 instructions, one line says it is ~50x slower; fp32 is never questioned.
     load_model goes through it, so evaluate/explore/bench warn as em_train does."""
     monkeypatch.setattr(M, "fast_bf16", lambda device: fast)
     assert M.pick_dtype("auto", "cpu") == ("bf16" if fast else "fp32")
@@ -425,10 +425,15 @@ def test_pick_dtype_says_when_bf16_would_be_slow(monkeypatch, capsys, fast):
     assert ("~50x slower" in capsys.readouterr().err) is not fast
 
 
-def test_fast_bf16_follows_the_cpus_onednn_kernels(monkeypatch):
-    """The CPU answer is oneDNN's own: no bf16 kernels (or no oneDNN) means slow."""
-    for kernels, mkldnn, want in [(True, True, True), (False, True, False), (True, False, False)]:
-        monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda k=kernels: k, raising=False)
-        monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda m=mkldnn: m)
-        assert M.fast_bf16("cpu") is want
-        assert M.fast_bf16(torch.device("cpu")) is want
+def test_fast_bf16_needs_native_bf16_instructions_and_onednn(monkeypatch):
+    """A CPU is fast in bf16 with AVX512_BF16 or AMX under oneDNN; plain AVX-512 (emulated
+    bf16), AVX2, or a build without oneDNN's bf16 kernels is not."""
+    cases = [  # avx512_bf16, amx, onednn bf16 kernels, onednn, fast
+        (True, False, True, True, True), (False, True, True, True, True), (False, False, True, True, False),
+        (True, True, False, True, False), (True, True, True, False, False)]
+    for avx512_bf16, amx, kernels, mkldnn, want in cases:
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=avx512_bf16: v, raising=False)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda v=amx: v, raising=False)
+        monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda v=kernels: v, raising=False)
+        monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda v=mkldnn: v)
+        assert M.fast_bf16("cpu") is want and M.fast_bf16(torch.device("cpu")) is want
