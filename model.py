@@ -69,7 +69,7 @@ def fast_bf16(device):
     """Whether bf16 matrix products are fast on `device`: a CUDA GPU that supports bf16, or a
     CPU with native bf16 instructions (AVX512_BF16 or AMX) under oneDNN. Elsewhere bf16 is
     emulated: on a 2-core AMD EPYC with AVX2 only, a [32 x 576] @ [576 x 1536] product ran at
-    1.3 GFLOP/s in bf16 against 70 in fp32, where the AMX-era machine of the README's numbers
+    1.3 GFLOP/s in bf16 against 70 in fp32, where the machine of the README's other numbers
     gave bf16 ~2.5x fp32. AVX-512 without bf16 runs oneDNN's emulation, reported 3-4x slower
     than fp32 (onnxruntime's oneDNN tests say so; not measured here)."""
     kind = torch.device(device).type
