@@ -486,8 +486,9 @@ def m_step(model, tok, opt, items, records, args, rng):
 # ---------------------------------------------------------------------------------------
 # Checkpoints: atomic save, exact resume
 # ---------------------------------------------------------------------------------------
-def save_checkpoint(out, model, tok, opt, iteration, save_dtype="fp32"):
-    """model (transformers format) + optimizer + RNG + iteration, swapped in atomically.
+def save_checkpoint(out, model, tok, opt, iteration, save_dtype="fp32", dtype="fp32"):
+    """model (transformers format) + optimizer + RNG + iteration + the dtype it computed in,
+    swapped in atomically.
     save_dtype "bf16" also writes export-bf16/ inside it (so it is swapped in with the rest):
     the weights cast to bf16 with config and tokenizer, a light copy for inference or sharing
     that resume never reads."""
@@ -503,7 +504,7 @@ def save_checkpoint(out, model, tok, opt, iteration, save_dtype="fp32"):
         export_bf16(os.path.join(tmp, "export-bf16"), model, tok, model_state)
     model.save_pretrained(tmp, state_dict=model_state)
     tok.save_pretrained(tmp)
-    torch.save({"optimizer": opt_state, "iteration": iteration,
+    torch.save({"optimizer": opt_state, "iteration": iteration, "dtype": dtype,
                 "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}},
                os.path.join(tmp, "trainer_state.pt"))
     if os.path.isdir(final):
@@ -591,6 +592,25 @@ def snap_to_bf16(model):
     with torch.no_grad():
         for p in model.parameters():
             p.copy_(p.to(torch.bfloat16))
+
+
+def computed_in(ckpt):
+    """The dtype a checkpoint's run computed in (None: no checkpoint). With --dtype auto a run
+    started in fp32 on one machine may go on in bf16 on another: its masters, off the bf16 grid
+    after fp32 steps, are snapped then as a fresh run's are. Checkpoints from before the dtype
+    was saved say nothing; bf16 was the default then, so they count as bf16."""
+    if not ckpt:
+        return None
+    return torch.load(os.path.join(ckpt, "trainer_state.pt"), weights_only=False, mmap=True).get("dtype", "bf16")
+
+
+def agree_dtype(dtype):
+    """Under --fsdp every rank must compute in one dtype (their all-gathers move one): ranks on
+    different hardware that resolved --dtype auto differently all take fp32."""
+    chosen = set(D.gather([dtype]))
+    if len(chosen) > 1 and D.is_main():
+        print(f"[em] --dtype auto: the ranks resolved it to {sorted(chosen)}; all compute in fp32", file=sys.stderr)
+    return dtype if len(chosen) == 1 else "fp32"
 
 
 def autocast(model, args):
@@ -781,7 +801,7 @@ def main(argv=None):
     rank, world = 0, 1
     if args.fsdp:
         rank, world, device = D.setup(args.cpu_offload)
-    args.dtype = M.pick_dtype(args.dtype, device)     # auto: bf16 where its products are fast, else fp32
+    args.dtype = agree_dtype(M.pick_dtype(args.dtype, device))   # auto: bf16 where it is native, else fp32
     if D.is_main():
         print_plan(args, n_data, device, world)
     os.makedirs(args.out, exist_ok=True)
@@ -790,7 +810,7 @@ def main(argv=None):
     if args.resume and ckpt is None:
         print(f"[em] --resume: no checkpoint under {args.out}; starting from {args.model}", file=sys.stderr)
     model, tok = M.load_model(ckpt or args.model, "fp32", device)    # master weights: always fp32
-    if args.dtype == "bf16" and not ckpt:
+    if args.dtype == "bf16" and computed_in(ckpt) != "bf16":        # fresh, or an fp32 run going on in bf16
         snap_to_bf16(model)
     if args.grad_ckpt:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
@@ -838,7 +858,7 @@ def main(argv=None):
         row["seconds"] = time.time() - t0
         if D.is_main():                           # the row first: a kill before the checkpoint is in
             append_metrics(metrics_path, row)     # place reruns this iteration, and restore drops the row
-        save_checkpoint(args.out, model, tok, opt, it, args.save_dtype)
+        save_checkpoint(args.out, model, tok, opt, it, args.save_dtype, args.dtype)
         if D.is_main():
             print(f"[em] iter {it}/{args.iterations} reward {row['reward_mean']:.3f} "
                   f"q_hat cot/code {_fmt(row['q_hat_cot'])}/{_fmt(row['q_hat_code'])} s*(code) "

@@ -37,6 +37,7 @@ from decimal import Decimal
 from fractions import Fraction
 
 TIME_LIMIT = 5.0
+START_LIMIT = 120.0     # seconds a new worker may take to import math-verify and sympy
 REL_TOL = 1e-9          # decimals must agree to ~9 significant digits (3.14159 is not pi)
 DECIMAL = re.compile(r"\d\.\d|(^|[^\d])\.\d")
 TIMEOUTS = 0
@@ -171,13 +172,18 @@ class _Worker:
         self.lock = threading.Lock()
 
     def start(self):
-        self.proc = subprocess.Popen(self.command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-        if self.proc.stdout.readline() != "ready\n":
-            self.proc.kill()
-            self.proc.wait()
-            self.proc = None
-            raise RuntimeError("the grader's worker process died while importing math-verify; "
-                               "run `python grader.py 1 1` to see why")
+        proc = subprocess.Popen(self.command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        line = [None]
+        reader = threading.Thread(target=lambda: line.__setitem__(0, proc.stdout.readline()))
+        reader.start()
+        reader.join(START_LIMIT)
+        if line[0] != "ready\n":                 # died (EOF) or hung while importing
+            proc.kill()
+            proc.wait()
+            reader.join()
+            raise RuntimeError(f"the grader's worker process did not start within {START_LIMIT:g} s (it died or hung "
+                               "while importing math-verify); run `python grader.py 1 1` to see why")
+        self.proc = proc                          # only a worker that said "ready" takes questions
 
     def ask(self, pred, ref):
         global TIMEOUTS

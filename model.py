@@ -66,16 +66,20 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def fast_bf16(device):
-    """Whether bf16 matrix products are fast on `device`: a CUDA GPU that supports bf16, or a
+    """Whether bf16 matrix products are fast on `device`: a CUDA GPU of compute capability 8.0
+    or newer (torch.cuda.is_bf16_supported also says yes where it is emulated), or a
     CPU with native bf16 instructions (AVX512_BF16 or AMX) under oneDNN. Elsewhere bf16 is
     emulated: on a 2-core AMD EPYC with AVX2 only, a [32 x 576] @ [576 x 1536] product ran at
     1.3 GFLOP/s in bf16 against 70 in fp32, where the machine of the README's other numbers
     gave bf16 ~2.5x fp32. AVX-512 without bf16 runs oneDNN's emulation, reported 3-4x slower
     than fp32 (onnxruntime's oneDNN tests say so; not measured here)."""
-    kind = torch.device(device).type
-    if kind == "cuda":
-        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    if kind == "cpu":
+    device = torch.device(device)
+    if device.type == "cuda":                      # Ampere (8.0) and newer; older GPUs emulate bf16
+        if not torch.cuda.is_available():
+            return False
+        index = torch.cuda.current_device() if device.index is None else device.index
+        return torch.version.hip is not None or torch.cuda.get_device_capability(index) >= (8, 0)
+    if device.type == "cpu":
         has = lambda name: bool(getattr(torch.cpu, name, lambda: False)())       # noqa: E731
         kernels = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
         return bool(torch.backends.mkldnn.is_available() and kernels and kernels()

@@ -759,3 +759,26 @@ def test_dtype_auto_computes_in_bf16_only_where_bf16_is_fast(monkeypatch, capsys
     assert T.parse_args([]).dtype == "auto"
     assert seen["dtype"] == ("bf16" if fast else "fp32")
     assert ("--dtype auto: fp32" in capsys.readouterr().err) is not fast
+
+
+def test_an_fp32_run_resumed_in_bf16_snaps_its_masters_as_a_fresh_one(monkeypatch, tmp_path):
+    """--dtype auto can resume on another machine in another dtype. fp32 steps leave the masters
+    off the bf16 grid (on ties that one step tips a whole bf16 spacing), so going on in bf16
+    snaps them first, as a fresh bf16 run does; bf16 going on in bf16 or anything in fp32 does not."""
+    snapped = []
+    monkeypatch.setattr(T, "snap_to_bf16", lambda model: snapped.append(True))
+    base = [a for a in FAST if a not in ("--dtype", "bf16")] + ["--eval-every", "0"]
+    out = str(tmp_path / "run")
+    T.main(base + ["--out", out, "--iterations", "1", "--dtype", "fp32"])
+    assert T.computed_in(os.path.join(out, "checkpoint")) == "fp32" and snapped == []
+    T.main(base + ["--out", out, "--iterations", "2", "--dtype", "bf16", "--resume"])
+    assert snapped == [True] and T.computed_in(os.path.join(out, "checkpoint")) == "bf16"
+    T.main(base + ["--out", out, "--iterations", "3", "--dtype", "bf16", "--resume"])
+    assert snapped == [True]                                   # bf16 on bf16: its own masters
+
+
+def test_ranks_that_resolve_auto_differently_all_take_fp32(monkeypatch):
+    monkeypatch.setattr(T.D, "gather", lambda items: items + ["fp32"])
+    assert T.agree_dtype("bf16") == "fp32" and T.agree_dtype("fp32") == "fp32"
+    monkeypatch.setattr(T.D, "gather", lambda items: items * 4)
+    assert T.agree_dtype("bf16") == "bf16"

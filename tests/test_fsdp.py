@@ -17,7 +17,8 @@ import model as M
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ARGS = ["--fsdp", "--model", "tiny", "--queries-per-iter", "3", "--k", "2", "--max-new-tokens", "8",
         "--eval-n", "3", "--eval-modes", "cot", "--batch-size", "2", "--grad-accum", "2", "--lr", "1e-2",
-        "--decision-coef", "0.1", "--decision-queries", "all"]   # all: rewards of a random model are all 0
+        "--decision-coef", "0.1", "--decision-queries", "all",   # all: rewards of a random model are all 0
+        "--dtype", "bf16"]                                        # one path on every machine (auto picks per CPU)
 needs_dist = pytest.mark.skipif(not dist.is_available(), reason="no torch.distributed")
 
 # Run em_train.main() with every torch.distributed collective wrapped: each tensor handed to one

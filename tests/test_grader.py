@@ -140,6 +140,16 @@ def test_the_time_limit_does_not_count_a_new_workers_imports(monkeypatch):
 def test_a_worker_that_dies_while_importing_is_one_clear_error(monkeypatch):
     worker = grader._Worker()
     monkeypatch.setattr(worker, "command", [sys.executable, "-c", "raise SystemExit(3)"])
-    with pytest.raises(RuntimeError, match="died while importing"):
+    with pytest.raises(RuntimeError, match="died or hung while importing"):
+        worker.ask("1", "1")
+    assert worker.proc is None
+
+
+def test_a_worker_that_hangs_while_importing_is_killed_and_one_clear_error(monkeypatch):
+    """Its start has a limit of its own: the lock every grading thread waits on is not held forever."""
+    worker = grader._Worker()
+    monkeypatch.setattr(worker, "command", [sys.executable, "-c", "import time; time.sleep(60)"])
+    monkeypatch.setattr(grader, "START_LIMIT", 0.5)
+    with pytest.raises(RuntimeError, match="within 0.5 s"):
         worker.ask("1", "1")
     assert worker.proc is None

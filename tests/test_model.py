@@ -437,3 +437,17 @@ def test_fast_bf16_needs_native_bf16_instructions_and_onednn(monkeypatch):
         monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda v=kernels: v, raising=False)
         monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda v=mkldnn: v)
         assert M.fast_bf16("cpu") is want and M.fast_bf16(torch.device("cpu")) is want
+
+
+def test_fast_bf16_on_cuda_asks_the_named_gpu_for_ampere_or_newer(monkeypatch):
+    """torch.cuda.is_bf16_supported() says yes on a V100 or T4, where bf16 is emulated; auto must
+    not pick it there. The GPU asked is the one named (cuda:1), else the current one."""
+    caps = {0: (7, 0), 1: (8, 0), 2: (9, 0)}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i=None: caps[i])
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    monkeypatch.setattr(torch.version, "hip", None)
+    assert [M.fast_bf16(d) for d in ("cuda", "cuda:0", "cuda:1", torch.device("cuda", 2))] == [False, False, True, True]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert M.fast_bf16("cuda:1") is False
