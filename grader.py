@@ -173,14 +173,7 @@ class _Worker:
 
     def start(self):
         proc = subprocess.Popen(self.command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-        line = [None]
-        reader = threading.Thread(target=lambda: line.__setitem__(0, proc.stdout.readline()))
-        reader.start()
-        reader.join(START_LIMIT)
-        if line[0] != "ready\n":                 # died (EOF) or hung while importing
-            proc.kill()
-            proc.wait()
-            reader.join()
+        if _read_line(proc, START_LIMIT) != "ready\n":      # died (EOF) or hung while importing
             raise RuntimeError(f"the grader's worker process did not start within {START_LIMIT:g} s (it died or hung "
                                "while importing math-verify); run `python grader.py 1 1` to see why")
         self.proc = proc                          # only a worker that said "ready" takes questions
@@ -192,18 +185,26 @@ class _Worker:
                 self.start()
             self.proc.stdin.write(json.dumps([pred, ref]) + "\n")
             self.proc.stdin.flush()
-            line = [None]
-            reader = threading.Thread(target=lambda: line.__setitem__(0, self.proc.stdout.readline()))
-            reader.start()
-            reader.join(TIME_LIMIT)
-            if reader.is_alive() or not line[0]:
-                self.proc.kill()                  # math-verify hung: kill it, count it, say False
-                self.proc.wait()
-                reader.join()
+            line = _read_line(self.proc, TIME_LIMIT)
+            if line is None:                      # math-verify hung (or died): it is killed; count it, say False
                 self.proc = None
                 TIMEOUTS += 1
                 return False
-            return json.loads(line[0])
+            return json.loads(line)
+
+
+def _read_line(proc, limit):
+    """The worker's next line within `limit` seconds; else None, with the worker killed."""
+    line = [None]
+    reader = threading.Thread(target=lambda: line.__setitem__(0, proc.stdout.readline()))
+    reader.start()
+    reader.join(limit)
+    if reader.is_alive() or not line[0]:
+        proc.kill()
+        proc.wait()
+        reader.join()
+        return None
+    return line[0]
 
 
 _worker = _Worker()
