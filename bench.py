@@ -1,7 +1,7 @@
 """bench.py -- speed of the sampler and the sandbox, measured side by side in one run.
 
   python bench.py sampler     # model.sample vs model.generate, batch 8 / 32 / 128, 128 new tokens,
-                              # the sampler on plain and on prepacked weights,
+                              # the sampler on plain and on prepacked weights, 3 rounds (--rounds),
                               # and the floor: one decode step's matrix products alone
   python bench.py code        # code-calling rollouts, 8 and 32 of them: model.sample vs generate + re-encode loop
   python bench.py continuous  # 256 prompts of mixed lengths: continuous batching vs fixed chunks
@@ -13,6 +13,9 @@ Every number is printed next to its baseline from the same run on the same machi
 targets (issue text) are ratios, so they hold or fail here and now. No test asserts them.
 Both sides of each comparison decode greedily with EOS ignored (`min_new_tokens` for
 generate), so they produce the same number of tokens and the tokens/s compare work, not luck.
+The sampler rows time each side once per round, in alternating order, and report the median
+of the rounds' ratios with their range: a CPU shared with other tenants drifts by 10-30% within
+minutes, which one run of each side, one after the other, reads as a difference in speed.
 Both sides run in the same dtype on the same device. On CUDA the sampler's decode step is a
 replayed CUDA graph (captured inside each call, so its capture time is in its numbers).
 `--out FILE` also writes every measured row as a JSON line (rewritten whole, atomically, after
@@ -98,34 +101,47 @@ def matmul_floor(model, b, reps=10):
         return 1000 * statistics.median(timed(step, w.device)[1] for _ in range(reps))
 
 
-def bench_sampler(model, tok, batches, new_tokens):
+def bench_sampler(model, tok, batches, new_tokens, rounds=3):
     device = model.device
     cpu = device.type == "cpu"
-    print(f"\n== sampler vs generate: greedy, {new_tokens} new tokens, EOS ignored ==")
+    print(f"\n== sampler vs generate: greedy, {new_tokens} new tokens, EOS ignored, {rounds} round(s) ==")
     print("(plain weights: sample(pack_weights=False), the model's own linear layers, as generate uses them;")
     print(" packed: the default, weights prepacked for oneDNN (model.packed_linears), CPU only;")
-    print(" floor: one decode step's matrix products alone, ms; bound: generate's time a step over the floor,")
-    print(" the most any sampler of this model could gain on generate)")
+    print(" each round times every side once, in alternating order; tok/s are medians over rounds, a ratio")
+    print(" is the median of the rounds' ratios and `spread` their range (a drift of the machine's speed")
+    print(" hits both sides of a round alike); floor: one decode step's matrix products alone, ms;")
+    print(" bound: generate's time a step over the floor, the most any sampler of this model could gain)")
     print(f"{'batch':>5} {'generate tok/s':>15} {'plain weights':>14} {'ratio':>6} {'packed':>12} {'ratio':>6} "
-          f"{'same tokens':>12} {'floor':>6} {'bound':>6}")
+          f"{'spread':>11} {'same tokens':>12} {'floor':>6} {'bound':>6}")
     for b in batches:
         prompts = [M.chat_prompt(tok, QUESTIONS[i % len(QUESTIONS)]) for i in range(b)]
         ids, mask = (t.to(device) for t in M.left_pad(prompts, tok.pad_token_id))
-        ref, t_gen = timed(lambda: model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens,
-                                                  min_new_tokens=new_tokens, do_sample=False,
-                                                  pad_token_id=tok.pad_token_id), device)
-        run = lambda pack: timed(lambda: M.sample(model, tok, prompts, max_new_tokens=new_tokens, greedy=True,
-                                                  code=False, ignore_eos=True, pack_weights=pack), device)
-        t_plain = run(False)[1] if cpu else None
-        outs, t_ours = run(True)
-        same = sum(o.response_ids == ref[i, ids.shape[1]:].tolist() for i, o in enumerate(outs))
-        n, floor = b * new_tokens, matmul_floor(model, b)
-        plain = f"{n / t_plain:>14.1f} {t_gen / t_plain:>5.2f}x" if cpu else f"{'-':>14} {'-':>6}"
-        print(f"{b:>5} {n / t_gen:>15.1f} {plain} {n / t_ours:>12.1f} {t_gen / t_ours:>5.2f}x {same:>8}/{b} "
-              f"{floor:>6.1f} {1000 * t_gen / new_tokens / floor:>5.2f}x")
-        record(bench="sampler", batch=b, new_tokens=new_tokens, generate_tok_s=n / t_gen,
-               plain_tok_s=n / t_plain if cpu else None, sample_tok_s=n / t_ours, ratio=t_gen / t_ours,
-               same_tokens=same, floor_ms=floor)
+        sides = {"generate": lambda: model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens,
+                                                    min_new_tokens=new_tokens, do_sample=False,
+                                                    pad_token_id=tok.pad_token_id)}
+        for pack in [True] + [False] * cpu:       # plain weights only where packing applies (CPU)
+            sides["packed" if pack else "plain"] = lambda pack=pack: M.sample(
+                model, tok, prompts, max_new_tokens=new_tokens, greedy=True, code=False, ignore_eos=True,
+                pack_weights=pack)
+        secs, outs = {k: [] for k in sides}, {}
+        for r in range(rounds):
+            for k in list(sides)[::1 if r % 2 == 0 else -1]:
+                outs[k], t = timed(sides[k], device)
+                secs[k].append(t)
+        ref, n = outs["generate"], b * new_tokens
+        same = sum(o.response_ids == ref[i, ids.shape[1]:].tolist() for i, o in enumerate(outs["packed"]))
+        ratios = {k: [g / t for g, t in zip(secs["generate"], secs[k])] for k in sides}
+        tok_s = {k: n / statistics.median(v) for k, v in secs.items()}
+        ratio = {k: statistics.median(v) for k, v in ratios.items()}
+        floor = matmul_floor(model, b)
+        plain = f"{tok_s['plain']:>14.1f} {ratio['plain']:>5.2f}x" if cpu else f"{'-':>14} {'-':>6}"
+        spread = f"{min(ratios['packed']):.2f}-{max(ratios['packed']):.2f}x"
+        print(f"{b:>5} {tok_s['generate']:>15.1f} {plain} {tok_s['packed']:>12.1f} {ratio['packed']:>5.2f}x "
+              f"{spread:>11} {same:>8}/{b} {floor:>6.1f} {1000 * statistics.median(secs['generate']) / new_tokens / floor:>5.2f}x")
+        record(bench="sampler", batch=b, new_tokens=new_tokens, rounds=rounds, generate_tok_s=tok_s["generate"],
+               plain_tok_s=tok_s.get("plain"), sample_tok_s=tok_s["packed"], ratio=ratio["packed"],
+               plain_ratio=ratio.get("plain"), round_ratios=ratios["packed"], generate_s=secs["generate"],
+               sample_s=secs["packed"], same_tokens=same, floor_ms=floor)
 
 
 def reencode_loop(model, tok, prompts, prefixes, max_new_tokens, max_code_calls=4, max_output_chars=400):
@@ -271,6 +287,8 @@ def main():
     ap.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (both sides of every comparison run there)")
     ap.add_argument("--batches", type=int, nargs="+", default=[8, 32, 128])
     ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="sampler benchmark: times each side this many times, alternating the order; ratios are medians")
     ap.add_argument("--code-prompts", type=int, nargs="+", default=[8, 32],
                     help="rollouts of the code benchmark, one run per value (32: the E-step's --sample-batch)")
     ap.add_argument("--cb-prompts", type=int, default=256, help="prompts of the continuous-batching run")
@@ -281,9 +299,10 @@ def main():
     args.what = args.what or ["all"]
     if set(args.what) - {"all", "sampler", "code", "continuous", "sandbox"}:
         raise SystemExit(f"error: unknown benchmark in {args.what}: choose from all, sampler, code, continuous, sandbox")
-    if min(args.batches + args.code_prompts + [args.new_tokens, args.cb_prompts, args.cb_width, args.reps]) < 1:
-        raise SystemExit("error: --batches, --new-tokens, --code-prompts, --cb-prompts, --cb-width and --reps "
-                         "must be at least 1")
+    if min(args.batches + args.code_prompts + [args.new_tokens, args.cb_prompts, args.cb_width, args.reps,
+                                              args.rounds]) < 1:
+        raise SystemExit("error: --batches, --new-tokens, --code-prompts, --cb-prompts, --cb-width, --reps and "
+                         "--rounds must be at least 1")
     try:
         device = torch.device(args.device)
     except RuntimeError:
@@ -309,7 +328,7 @@ def main():
         CONTEXT.update(model=args.model, dtype=args.dtype, device=args.device, device_name=name)
         M.sample(model, tok, [M.chat_prompt(tok, "Hi")], max_new_tokens=2, code=False)     # warm up the kernels
         if {"all", "sampler"} & set(args.what):
-            bench_sampler(model, tok, args.batches, args.new_tokens)
+            bench_sampler(model, tok, args.batches, args.new_tokens, args.rounds)
         if {"all", "code"} & set(args.what):
             for n in args.code_prompts:
                 bench_code(model, tok, n, args.new_tokens)

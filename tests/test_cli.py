@@ -5,6 +5,7 @@ import http.server
 import json
 import os
 import socket
+import statistics
 import subprocess
 import sys
 import threading
@@ -359,11 +360,43 @@ def test_bench_writes_each_measured_row_as_a_json_line(tmp_path, monkeypatch, ca
     assert [(r["bench"], r.get("batch")) for r in rows] == [("sampler", 1), ("sampler", 2), ("continuous", None)]
     assert all(r["model"] == "tiny" and r["device"] == "cpu" and r["dtype"] == "fp32" and r["cores"] for r in rows)
     for r in rows[:2]:
-        assert r["ratio"] == pytest.approx(r["sample_tok_s"] / r["generate_tok_s"])
+        n = r["batch"] * r["new_tokens"]
+        assert r["rounds"] == 3 == len(r["generate_s"]) == len(r["sample_s"]) == len(r["round_ratios"])
+        assert r["round_ratios"] == pytest.approx([g / t for g, t in zip(r["generate_s"], r["sample_s"])])
+        assert r["ratio"] == pytest.approx(statistics.median(r["round_ratios"]))
+        assert r["sample_tok_s"] == pytest.approx(n / statistics.median(r["sample_s"]))
+        assert r["generate_tok_s"] == pytest.approx(n / statistics.median(r["generate_s"]))
         assert r["same_tokens"] <= r["batch"] and r["plain_tok_s"] > 0 and r["floor_ms"] > 0
     assert rows[2]["ratio"] == pytest.approx(rows[2]["chunks_s"] / rows[2]["continuous_s"])
     assert "sampler vs generate" in capsys.readouterr().out
     assert not os.path.exists(f"{out}.tmp")
+
+
+def test_bench_sampler_alternates_the_sides_and_pairs_each_round(tiny, tok, monkeypatch, capsys):
+    """A machine whose speed drifts: each round times every side once, the order reversed
+    every other round, and a round's ratio pairs the times of that round. Here every call is
+    slower than the one before (a fake clock: the n-th call takes n seconds), so a fixed order
+    would favour whichever side runs first."""
+    calls, real_generate = [], tiny.generate
+    monkeypatch.setattr(tiny, "generate", lambda *a, **k: calls.append("generate") or real_generate(*a, **k))
+    real_sample = M.sample
+    monkeypatch.setattr(bench.M, "sample", lambda *a, pack_weights=True, **k: calls.append(
+        "packed" if pack_weights else "plain") or real_sample(*a, pack_weights=pack_weights, **k))
+    clock = iter(range(1, 100))
+    monkeypatch.setattr(bench, "timed", lambda fn, device: (fn(), next(clock)))
+    monkeypatch.setattr(bench, "matmul_floor", lambda model, b: 1.0)
+    for name, fresh in (("ROWS", []), ("OUT", None), ("CONTEXT", {})):
+        monkeypatch.setattr(bench, name, fresh)
+    bench.bench_sampler(tiny, tok, [2], 3, rounds=3)
+    sides = ["generate", "packed", "plain"]              # plain weights: a CPU-only side
+    assert calls == sides + sides[::-1] + sides
+    [row] = bench.ROWS
+    k = len(sides)
+    generate_s = [1, 2 * k, 2 * k + 1]               # first, last, first of its round
+    packed_s = [2, 2 * k - 1, 2 * k + 2]
+    assert row["generate_s"] == generate_s and row["sample_s"] == packed_s
+    assert row["ratio"] == pytest.approx(statistics.median(g / t for g, t in zip(generate_s, packed_s)))
+    assert "3 round(s)" in capsys.readouterr().out
 
 
 def test_bench_matmul_floor_reads_every_linear_weight_once_per_step(tiny):
