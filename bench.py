@@ -31,6 +31,8 @@ import sys
 import time
 
 import torch
+from tqdm import tqdm
+from transformers import StoppingCriteria, StoppingCriteriaList
 
 import model as M
 import sandbox
@@ -69,6 +71,22 @@ def commit():
                               cwd=os.path.dirname(os.path.abspath(__file__)), timeout=10).stdout.strip() or None
     except (OSError, subprocess.TimeoutExpired):
         return None
+
+
+class Ticks(StoppingCriteria):
+    """A bar (stderr) over the tokens one benchmark row decodes, moved after every decode step
+    by both sides alike: model.sample through `progress=ticks.sampled`, generate through
+    `stopping_criteria=[ticks]`, a criterion that counts the step's rows and stops none."""
+
+    def __init__(self, total, desc):
+        self.bar = tqdm(total=total, desc=desc, unit="tok", leave=False, file=sys.stderr, dynamic_ncols=True)
+
+    def sampled(self, new_tokens, finished_rows):
+        self.bar.update(new_tokens)
+
+    def __call__(self, input_ids, scores, **kwargs):
+        self.bar.update(input_ids.shape[0])
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
 
 def timed(fn, device):
@@ -116,18 +134,21 @@ def bench_sampler(model, tok, batches, new_tokens, rounds=3):
     for b in batches:
         prompts = [M.chat_prompt(tok, QUESTIONS[i % len(QUESTIONS)]) for i in range(b)]
         ids, mask = (t.to(device) for t in M.left_pad(prompts, tok.pad_token_id))
+        ticks = Ticks(rounds * (2 + cpu) * b * new_tokens, f"batch {b}")
         sides = {"generate": lambda: model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens,
                                                     min_new_tokens=new_tokens, do_sample=False,
-                                                    pad_token_id=tok.pad_token_id)}
+                                                    pad_token_id=tok.pad_token_id,
+                                                    stopping_criteria=StoppingCriteriaList([ticks]))}
         for pack in [True] + [False] * cpu:       # plain weights only where packing applies (CPU)
             sides["packed" if pack else "plain"] = lambda pack=pack: M.sample(
                 model, tok, prompts, max_new_tokens=new_tokens, greedy=True, code=False, ignore_eos=True,
-                pack_weights=pack)
+                pack_weights=pack, progress=ticks.sampled)
         secs, outs = {k: [] for k in sides}, {}
         for r in range(rounds):
             for k in list(sides)[::1 if r % 2 == 0 else -1]:
                 outs[k], t = timed(sides[k], device)
                 secs[k].append(t)
+        ticks.bar.close()
         ref, n = outs["generate"], b * new_tokens
         same = sum(o.response_ids == ref[i, ids.shape[1]:].tolist() for i, o in enumerate(outs["packed"]))
         ratios = {k: [g / t for g, t in zip(secs["generate"], secs[k])] for k in sides}
@@ -144,10 +165,11 @@ def bench_sampler(model, tok, batches, new_tokens, rounds=3):
                sample_s=secs["packed"], same_tokens=same, floor_ms=floor)
 
 
-def reencode_loop(model, tok, prompts, prefixes, max_new_tokens, max_code_calls=4, max_output_chars=400):
+def reencode_loop(model, tok, prompts, prefixes, max_new_tokens, max_code_calls=4, max_output_chars=400,
+                  ticks=None):
     """The baseline: generate until a row closes a ```python block, run it, append the
-    output as text, and call generate again on the whole re-encoded context."""
-    from transformers import StoppingCriteria, StoppingCriteriaList
+    output as text, and call generate again on the whole re-encoded context. `ticks` (a
+    Ticks) counts each call's kept tokens when it returns."""
     eos = set(M.stop_token_ids(model, tok))
     ctx = [list(p) + list(f) for p, f in zip(prompts, prefixes)]
     texts = [tok.decode(f) for f in prefixes]
@@ -181,6 +203,8 @@ def reencode_loop(model, tok, prompts, prefixes, max_new_tokens, max_code_calls=
                     break
             ctx[i] += new
             budget[i] -= len(new)
+            if ticks is not None:
+                ticks.bar.update(len(new))
             texts[i] += tok.decode(new)
             m = M.CODE_BLOCK.search(texts[i], scan[i])
             if new and new[-1] in eos or budget[i] <= 0 or not m:
@@ -208,9 +232,12 @@ def bench_code(model, tok, n, new_tokens):
     prompts = [M.chat_prompt(tok, DEMO + "Question: " + CODE_QUESTIONS[i % len(CODE_QUESTIONS)]) for i in range(n)]
     prefix = tok("```python\na = ", add_special_tokens=False).input_ids
     sandbox.run_cells(["pass"])
+    ticks = Ticks(2 * n * new_tokens, f"{n} code rollouts")      # the re-encode loop stops rows at EOS
     outs, t_ours = timed(lambda: M.sample(model, tok, prompts, [prefix] * n, max_new_tokens=new_tokens, greedy=True,
-                                          ignore_eos=True), model.device)
-    (ref, calls), t_ref = timed(lambda: reencode_loop(model, tok, prompts, [prefix] * n, new_tokens), model.device)
+                                          ignore_eos=True, progress=ticks.sampled), model.device)
+    (ref, calls), t_ref = timed(lambda: reencode_loop(model, tok, prompts, [prefix] * n, new_tokens, ticks=ticks),
+                                model.device)
+    ticks.bar.close()
     sampled = sum(o.n_sampled for o in outs)
     same = sum(o.response_ids == r for o, r in zip(outs, ref))
     print(f"code calls per rollout: {[len(o.code_calls) for o in outs]} (baseline {calls})")
@@ -228,10 +255,12 @@ def bench_continuous(model, tok, n, width, new_tokens):
           f"up to {new_tokens} new tokens, EOS on ==")
     prompts = [M.chat_prompt(tok, (DEMO if i % 3 == 0 else "") + QUESTIONS[i % len(QUESTIONS)] * (1 + i % 4))
                for i in range(n)]
-    kw = dict(max_new_tokens=new_tokens, temperature=1.0, seed=0, code=False)
+    ticks = Ticks(2 * n * new_tokens, f"{n} prompts")     # an upper bound: rows end at EOS
+    kw = dict(max_new_tokens=new_tokens, temperature=1.0, seed=0, code=False, progress=ticks.sampled)
     chunks, t_chunks = timed(lambda: [o for s in range(0, n, width)
                                       for o in M.sample(model, tok, prompts[s:s + width], **kw)], model.device)
     outs, t_cont = timed(lambda: M.sample(model, tok, prompts, batch_size=width, **kw), model.device)
+    ticks.bar.close()
     lengths = sorted(len(p) for p in prompts)
     print(f"prompt lengths {lengths[0]}..{lengths[-1]} tokens; sampled tokens per row "
           f"{min(o.n_sampled for o in outs)}..{max(o.n_sampled for o in outs)}")

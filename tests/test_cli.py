@@ -353,9 +353,19 @@ def test_bench_writes_each_measured_row_as_a_json_line(tmp_path, monkeypatch, ca
     out = tmp_path / "bench.jsonl"
     for name, fresh in (("ROWS", []), ("OUT", None), ("CONTEXT", {})):
         monkeypatch.setattr(bench, name, fresh)
+    bars = []
+
+    class Bar(bench.tqdm):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            bars.append(self)
+    monkeypatch.setattr(bench, "tqdm", Bar)
     monkeypatch.setattr(sys, "argv", ["bench.py", "sampler", "continuous", "--model", "tiny", "--batches", "1", "2",
                                       "--new-tokens", "3", "--cb-prompts", "3", "--cb-width", "2", "--out", str(out)])
     bench.main()
+    # a bar per row, moved by every decode step of every side: 3 rounds x 3 sides (CPU) x b x 3 tokens
+    assert [(b.n, b.total) for b in bars[:2]] == [(3 * 3 * b * 3, 3 * 3 * b * 3) for b in (1, 2)]
+    assert 2 * 3 <= bars[2].n <= bars[2].total == 2 * 3 * 3      # continuous: rows may end at EOS
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [(r["bench"], r.get("batch")) for r in rows] == [("sampler", 1), ("sampler", 2), ("continuous", None)]
     assert all(r["model"] == "tiny" and r["device"] == "cpu" and r["dtype"] == "fp32" and r["cores"] for r in rows)
