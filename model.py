@@ -37,8 +37,10 @@ finished rows' slots to waiting prompts and keeps the live rows in slots 0..n-1,
 outputs of finished executions, (3) feeds every row with several tokens to feed (a new prompt,
 an output block) in one left-padded forward, running a prefix that fresh rows share only once,
 and (4) steps every other live row by one token; a row paused on its code idles in its slot
-(by default, `lockstep`, the next forward waits for its output). On CUDA the one-token step is a CUDA graph per batch-width bucket; on a
-CPU every linear layer runs on weights prepacked for oneDNN's kernel (`packed_linears`).
+(by default, `lockstep`, a set later turn waits for its output: on a GPU the turn after the
+one it sits out while its code runs, on a CPU the next). On CUDA the one-token step is a CUDA
+graph per batch-width bucket; on a CPU every linear layer runs on weights prepacked for
+oneDNN's kernel (`packed_linears`).
 Prompt i draws from its own counter-based random stream keyed by (seed, i), so which rows step
 together (the sandbox's timing, the batch width) cannot change its tokens.
 
@@ -606,6 +608,7 @@ class _Row:
         self.note = ""              # message for the next output block (state reset)
         self.newline = True         # whether the text before a pending output ends a line
         self.future = None          # pending execution: the row is paused
+        self.started = 0            # the loop turn in which that execution began
         self.done = False
 
     def cached(self):
@@ -635,6 +638,14 @@ def _watched(tok, chars):
     return _WATCH[key]
 
 
+# Device types whose forward leaves the CPU's cores free. There, under lockstep, a row sits out
+# one turn after its block closes (lag 1): its execution runs in the sandbox while the other rows
+# take a step, instead of every row waiting for it. On a CPU the sandbox would take the cores the
+# step runs on: 8 code rollouts (bench.py code, 2 cores) took 13.5-18.1 s with a turn out against
+# 12.9-15.9 s without, in alternating rounds.
+OVERLAP_ON = {"cuda"}
+
+
 class _Sampler:
     """What every row shares: the model and its cache, the settings, the executor pool. Its
     methods are the steps of `sample`'s loop; rows[s] is the row in slot s."""
@@ -655,6 +666,8 @@ class _Sampler:
         self.step = _DecodeStep(model, self.cache, width, draw, graphs)
         self.pool = ThreadPoolExecutor(max_workers=max(1, os.cpu_count() or 1)) if code else None
         self.rows, self.width, self.finished, self.reported = [], width, [], 0
+        self.turn = 0               # turns of `sample`'s loop so far (collect counts them)
+        self.lag = int(self.device.type in OVERLAP_ON)
         self.refill = max(1, width // 4)
 
     # -- slots ---------------------------------------------------------------------------
@@ -813,13 +826,20 @@ class _Sampler:
             return self.insert_output(r, "Reach max function call limit.")
         r.out.code_calls.append({"code": block})
         r.future = self.pool.submit(self.executor, r.cells + [block])   # the row pauses
+        r.started = self.turn
 
     def collect(self, block, lockstep=False):
-        """Insert the outputs of finished executions; if `block`, wait for one first; if
-        `lockstep`, wait for all of them."""
+        """Start a turn of the loop: insert the outputs of finished executions. With `lockstep`,
+        exactly those started `lag` turns or more before the previous one, waiting for them: which
+        rows share a forward is then the same whatever the executor's speed. Without, whatever
+        has finished, waiting for one first if `block` (no row could move otherwise)."""
+        self.turn += 1
         waiting = [r for r in self.rows if r.future is not None and not r.done]
-        if (block or lockstep) and waiting:
-            wait([r.future for r in waiting], return_when=ALL_COMPLETED if lockstep else FIRST_COMPLETED)
+        if lockstep:
+            waiting = [r for r in waiting if r.started < self.turn - self.lag]
+            wait([r.future for r in waiting], return_when=ALL_COMPLETED)
+        elif block and waiting:
+            wait([r.future for r in waiting], return_when=FIRST_COMPLETED)
         for r in waiting:
             if r.future.done():
                 result, r.future = r.future.result(), None
@@ -868,13 +888,16 @@ def sample(model, tok, prompts, prefixes=None, *, max_new_tokens=512, temperatur
     the batch width or on when the executor answers. seed may also be a list, one int per
     prompt: prompt i's stream is then keyed by seed[i] alone (evaluate.py keys each sample by
     its problem, mode and index, so a resumed evaluation draws what an uninterrupted one would).
-    lockstep (default): before each forward, wait for every pending execution, so that which
-    rows share a forward does not depend on how fast the sandbox answers. It decides the float
-    rounding: without it, two runs of one seed on one machine differed in the log-probs of 12 of
-    128 rollouts after their code ran (by up to 0.13, one bf16 step of a logit), one of them took
-    another token, and the runs parted from there (README, Results). It costs a stall only when
-    an execution outlasts a decode step (on a 2-core CPU a step takes ~0.1 s at batch 32; the
-    sandbox answers in ~0.01 s). lockstep=False lets the other rows decode meanwhile.
+    lockstep (default): wait for each execution's output at a set turn of the loop, so that
+    which rows share a forward does not depend on how fast the sandbox answers. It decides the
+    float rounding: without it, two runs of one seed on one machine differed in the log-probs of
+    12 of 128 rollouts after their code ran (by up to 0.13, one bf16 step of a logit), one of
+    them took another token, and the runs parted from there (README, Results). The set turn: on
+    a GPU the row sits out one turn while the other rows step and the sandbox runs, and the turn
+    after waits (a stall only when an execution outlasts a step); on a CPU the next turn waits
+    for it (the sandbox's ~0.01-0.05 s beside a ~0.1 s step at batch 32 on 2 cores; run during
+    the step it would share the step's cores: OVERLAP_ON). lockstep=False lets the other rows
+    decode meanwhile and inserts outputs as they come.
     pack_weights (default): on a CPU, multiply with weights prepacked for oneDNN
     (`packed_linears`); False runs the model's own linear layers (bench.py prints both).
     """
@@ -904,7 +927,7 @@ def sample(model, tok, prompts, prefixes=None, *, max_new_tokens=512, temperatur
             while queue or run.rows:
                 run.admit(queue)
                 # rows paused on code take their outputs; wait only if no row could move otherwise
-                # (lockstep: wait for all of them)
+                # (lockstep: wait for those due this turn)
                 run.collect(block=all(r.future is not None for r in run.rows), lockstep=lockstep)
                 ready = [r for r in run.rows if r.future is None and not r.done]
                 for part, forward in (([r for r in ready if len(r.feed) > 1], run.prefill),

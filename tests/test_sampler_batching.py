@@ -67,10 +67,14 @@ def test_same_seed_same_rollouts_whatever_the_executor_timing(tiny, tok):
     assert_same(narrow, fast)
 
 
-def test_lockstep_makes_the_forwards_independent_of_the_executor_timing(tiny, tok, monkeypatch):
+@pytest.mark.parametrize("overlap", [False, True], ids=["cpu", "gpu-like"])
+def test_lockstep_makes_the_forwards_independent_of_the_executor_timing(tiny, tok, monkeypatch, overlap):
     """The rows that share each forward decide the float rounding of every log-prob (see
     assert_same). With lockstep (the default) they are the same whether the sandbox answers at
-    once or late, so the log-probs match bit for bit; without it a late answer changes them."""
+    once or late, so the log-probs match bit for bit; without it a late answer changes them.
+    Both ways lockstep waits: the next turn (CPU), or a turn later with the row sitting one out
+    (a device whose forward leaves the CPU free; here the CPU is made to count as one)."""
+    monkeypatch.setattr(M, "OVERLAP_ON", {"cpu"} if overlap else set())
     lm = code_writer(tiny, tok, strength=13.0)
     prompts, prefixes = code_prompts(tok, 6)
     kw = dict(max_new_tokens=40, temperature=1.0, seed=7, max_code_calls=3)
@@ -92,6 +96,52 @@ def test_lockstep_makes_the_forwards_independent_of_the_executor_timing(tiny, to
     assert [o.logprobs for o in slow_outs] == [o.logprobs for o in fast_outs]
     free, _ = run(Jittery("5", "6", "7", slow=0.3, seed=1), False)
     assert free != fast                       # a 0.3 s answer lets the other rows step without it
+
+
+class Busy(Scripted):
+    """Scripted answers after `busy` seconds of work; records when each execution ran."""
+
+    def __init__(self, *answers, busy):
+        super().__init__(*answers)
+        self.busy, self.spans = busy, []
+
+    def __call__(self, cells):
+        t = time.monotonic()
+        time.sleep(self.busy)
+        self.spans.append((t, time.monotonic()))
+        return super().__call__(cells)
+
+
+@pytest.mark.parametrize("overlap", [False, True], ids=["cpu", "gpu-like"])
+def test_where_the_forward_leaves_the_cpu_free_code_runs_while_the_other_rows_step(tiny, tok, monkeypatch,
+                                                                                    overlap):
+    """On a GPU (OVERLAP_ON) a row whose block closed sits out one turn, and its execution runs
+    while the other rows take a step: the sandbox's time hides behind a forward instead of
+    stalling every row. On a CPU the next turn waits for it, and no forward runs meanwhile
+    (there the sandbox would take the step's cores). The rollouts are the same either way."""
+    monkeypatch.setattr(M, "OVERLAP_ON", {"cpu"} if overlap else set())
+    lm = code_writer(tiny, tok, strength=13.0)
+    prompts, prefixes = code_prompts(tok, 6)
+    kw = dict(max_new_tokens=40, temperature=1.0, seed=7, max_code_calls=3)
+    executor, steps = Busy("5", "6", "7", busy=0.05), []
+    decode = M._Sampler.decode
+
+    def timed(self, part):
+        t = time.monotonic()
+        out = decode(self, part)
+        steps.append((t, time.monotonic()))
+        return out
+    monkeypatch.setattr(M._Sampler, "decode", timed)
+    outs = M.sample(lm, tok, prompts, prefixes, executor=executor, **kw)
+    during = [any(s < end and e > start for s, e in steps) for start, end in executor.spans]
+    assert len(during) >= 6, "the test needs rows that pause on code"
+    if overlap:
+        assert sum(during) >= len(during) // 2, during
+    else:
+        assert not any(during), during
+    monkeypatch.setattr(M._Sampler, "decode", decode)
+    monkeypatch.setattr(M, "OVERLAP_ON", set())
+    assert_same(outs, M.sample(lm, tok, prompts, prefixes, executor=Scripted("5", "6", "7"), **kw))
 
 
 def test_continuous_batching_keeps_prompt_order_and_results(tiny, tok):
