@@ -785,7 +785,8 @@ def print_plan(args, n_data, device, world):
         eval_rollouts = args.eval_n * len(args.eval_modes) / args.eval_every
         evaluation = (f", then evaluates on {args.eval_data} ({args.eval_n} problems x {len(args.eval_modes)} modes)"
                       + (f" every {args.eval_every} iterations" if args.eval_every > 1 else ""))
-    time_left = E.expected_time(args.model, device, rollouts + eval_rollouts, args.max_new_tokens, args.iterations)
+    time_left = E.expected_time(args.model, device, args.dtype, rollouts + eval_rollouts, args.max_new_tokens,
+                                 args.iterations)
     again = "" if args.resume else "the same command with "
     E.print_plan(f"""Plan: {args.algo} training of {args.model} ({args.dtype} on {device}{ranks}) on {data},
         {args.iterations} iteration{'s' * (args.iterations != 1)}. Each iteration samples {how} of up to {args.max_new_tokens} new tokens,

@@ -485,27 +485,35 @@ def check_writable(path, flag="--out", file=False):
         fail(f"{flag} {path}: cannot create files under {base} ({e.strerror})")
 
 
-# Seconds per rollout per allowed new token, from the README's Results on a 2-core CPU with native bf16: one
-# default em_train.py iteration (160 E-step + 96 evaluation rollouts of up to 64 tokens, and
-# the M-step) took 116-129 s, 124 s on average (seed 4 at 1a1f70e, packed teacher forcing;
-# 127-155 s before it); `--model tiny --iterations 2` took 76 s (an older measurement). Only
-# the plans use them.
-SECONDS_PER_ROLLOUT_TOKEN = {("smollm2-135m", "cpu"): 124 / (256 * 64), ("tiny", "cpu"): 38 / (144 * 256)}
+# Seconds per rollout per allowed new token, and where they were measured (README, Results), by
+# model, device and dtype. One default em_train.py iteration is 160 E-step + 96 evaluation
+# rollouts of up to 64 tokens and the M-step: on a 2-core CPU with native bf16 it took 116-129 s,
+# 124 s on average (bf16, seed 4 at 1a1f70e, packed teacher forcing; 127-155 s before it); on a
+# 2-core AVX2-only CPU, where --dtype auto is fp32, 309-372 s, ~340 s (seed 0 at 414b324).
+# `--model tiny --iterations 2` took 76 s (an older measurement, either dtype). Only the plans
+# use them.
+SECONDS_PER_ROLLOUT_TOKEN = {
+    ("smollm2-135m", "cpu", "bf16"): (124 / (256 * 64), "a 2-core CPU with native bf16 (measured there, in bf16"),
+    ("smollm2-135m", "cpu", "fp32"): (340 / (256 * 64), "a 2-core AVX2-only CPU (measured there, in fp32"),
+    ("tiny", "cpu", None): (38 / (144 * 256), "a 2-core CPU (measured there"),
+}
 
 
-def expected_time(model, device, rollouts, max_new_tokens, iterations=1):
+def expected_time(model, device, dtype, rollouts, max_new_tokens, iterations=1):
     """'about 24 min (8 min per iteration) on a 2-core CPU ...' from the table above, or a
-    sentence saying that it has no row for this model and device."""
-    rate = SECONDS_PER_ROLLOUT_TOKEN.get((model, (device or "cpu").split(":")[0]))
-    if rate is None:
-        return f"not measured for {model} on {device}; the progress bars show the time left once rollouts finish"
+    sentence saying that it has no row for this model, device and dtype."""
+    device = (device or "cpu").split(":")[0]
+    row = SECONDS_PER_ROLLOUT_TOKEN.get((model, device, dtype)) or SECONDS_PER_ROLLOUT_TOKEN.get((model, device, None))
+    if row is None:
+        return (f"not measured for {model} in {dtype} on {device}; the progress bars show the time left once "
+                "rollouts finish")
+    rate, where = row
     minutes = rate * rollouts * max_new_tokens / 60
 
     def fmt(m):
         return f"about {m:.0f} min" if m >= 1 else "under a minute"
     each = f" ({fmt(minutes)} per iteration)" if iterations > 1 else ""
-    return (f"{fmt(minutes * iterations)}{each} on a 2-core CPU with native bf16 (measured there, in bf16; "
-            f"this machine has {os.cpu_count()} cores)")
+    return f"{fmt(minutes * iterations)}{each} on {where}; this machine has {os.cpu_count()} cores)"
 
 
 def print_plan(text):
@@ -581,7 +589,7 @@ def main(argv=None):
         {len(args.modes)} modes ({', '.join(args.modes)}) x {args.n} sample(s) = {rollouts} rollouts of up to
         {args.max_new_tokens} new tokens, {'greedy' if args.temperature == 0 else f'temperature {args.temperature}'},
         {'with' if args.fewshot else 'without'} the few-shot demonstration. Expected time:
-        {expected_time(args.model, device, rollouts, args.max_new_tokens)}. Samples go to
+        {expected_time(args.model, device, args.dtype, rollouts, args.max_new_tokens)}. Samples go to
         {os.path.join(out, 'samples.jsonl')} as they are graded (the same --out again resumes); the metrics and the
         exact prompts to {os.path.join(out, 'summary.json')}.""")
     model, tok = M.load_model(args.model, args.dtype, device)

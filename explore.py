@@ -216,7 +216,7 @@ def main(argv=None):
     rollouts = len(problems) * (2 * args.k + args.native_k)
     E.print_plan(f"""Plan: E-step of {args.model} ({args.dtype} on {device}) on {len(problems)} queries of {args.data}:
         {rollouts} rollouts ({args.k} per decision, {args.native_k} unforced, per query) of up to {args.max_new_tokens}
-        new tokens. Expected time: {E.expected_time(args.model, device, rollouts, args.max_new_tokens)}. Output:
+        new tokens. Expected time: {E.expected_time(args.model, device, args.dtype, rollouts, args.max_new_tokens)}. Output:
         {args.out}.""")
     model, tok = M.load_model(args.model, args.dtype, device)
     records = explore(model, tok, problems, args.k, args.native_k, args.estep, args.alpha, args.prior, args.keep,

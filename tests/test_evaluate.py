@@ -191,3 +191,17 @@ def test_autonomous_prompt_wording_changes_only_the_autonomous_mode(tok):
         assert tok.decode(E.prompt_for(tok, p, mode)[0]) == neutral           # the default
     assert E.AUTONOMOUS["neutral"] in tok.decode(E.prompt_for(tok, p, "autonomous", autonomous="neutral")[0])
     assert E.AUTONOMOUS["invite"] in tok.decode(E.prompt_for(tok, p, "autonomous", autonomous="invite")[0])
+
+
+def test_the_plan_quotes_a_time_measured_in_its_own_dtype():
+    """The plans' expected time: a default em_train.py run (256 rollouts of up to 64 tokens an
+    iteration, 8 iterations) took ~17 min in bf16 on a CPU with native bf16 and ~45 min in fp32,
+    which --dtype auto picks on an AVX2-only CPU; each plan quotes the one of its own dtype and
+    says where it was measured."""
+    bf16 = E.expected_time("smollm2-135m", "cpu", "bf16", 256, 64, 8)
+    fp32 = E.expected_time("smollm2-135m", "cpu", "fp32", 256, 64, 8)
+    assert bf16.startswith("about 17 min (about 2 min per iteration)") and "native bf16" in bf16
+    assert fp32.startswith("about 45 min (about 6 min per iteration)") and "AVX2-only CPU" in fp32
+    assert "in fp32" in fp32
+    assert "not measured for smollm2-135m in bf16 on cuda" in E.expected_time("smollm2-135m", "cuda:1", "bf16", 9, 64)
+    assert E.expected_time("tiny", "cpu", "fp32", 10, 8).startswith("under a minute")
