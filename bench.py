@@ -1,7 +1,7 @@
 """bench.py -- speed of the sampler and the sandbox, measured side by side in one run.
 
   python bench.py sampler     # model.sample vs model.generate, batch 8 / 32 / 128, 128 new tokens,
-                              # the sampler on plain and on prepacked weights, 3 rounds (--rounds),
+                              # the sampler on plain and on prepacked weights, 2 rounds (--rounds),
                               # and the floor: one decode step's matrix products alone
   python bench.py code        # code-calling rollouts, 8 and 32 of them: model.sample vs generate + re-encode loop
   python bench.py continuous  # 256 prompts of mixed lengths: continuous batching vs fixed chunks
@@ -13,9 +13,10 @@ Every number is printed next to its baseline from the same run on the same machi
 targets (issue text) are ratios, so they hold or fail here and now. No test asserts them.
 Both sides of each comparison decode greedily with EOS ignored (`min_new_tokens` for
 generate), so they produce the same number of tokens and the tokens/s compare work, not luck.
-The sampler rows time each side once per round, in alternating order, and report the median
-of the rounds' ratios with their range: a CPU shared with other tenants drifts by 10-30% within
-minutes, which one run of each side, one after the other, reads as a difference in speed.
+The sampler rows time each side twice per round, in mirrored order (A B C C B A), and report
+the median of the rounds' ratios with their range: a CPU shared with other tenants drifts by
+10-30% within minutes, which one run of each side, one after the other, reads as a difference
+in speed (a steady drift costs every side of a mirrored round alike).
 Both sides run in the same dtype on the same device. On CUDA the sampler's decode step is a
 replayed CUDA graph (captured inside each call, so its capture time is in its numbers).
 `--out FILE` also writes every measured row as a JSON line (rewritten whole, atomically, after
@@ -79,7 +80,8 @@ class Ticks(StoppingCriteria):
     `stopping_criteria=[ticks]`, a criterion that counts the step's rows and stops none."""
 
     def __init__(self, total, desc):
-        self.bar = tqdm(total=total, desc=desc, unit="tok", leave=False, file=sys.stderr, dynamic_ncols=True)
+        self.bar = tqdm(total=total, desc=desc, unit="tok", leave=False, file=sys.stderr, dynamic_ncols=True,
+                        disable=None)           # off where stderr is not a terminal (a log file)
 
     def sampled(self, new_tokens, finished_rows):
         self.bar.update(new_tokens)
@@ -119,22 +121,23 @@ def matmul_floor(model, b, reps=10):
         return 1000 * statistics.median(timed(step, w.device)[1] for _ in range(reps))
 
 
-def bench_sampler(model, tok, batches, new_tokens, rounds=3):
+def bench_sampler(model, tok, batches, new_tokens, rounds=2):
     device = model.device
     cpu = device.type == "cpu"
     print(f"\n== sampler vs generate: greedy, {new_tokens} new tokens, EOS ignored, {rounds} round(s) ==")
     print("(plain weights: sample(pack_weights=False), the model's own linear layers, as generate uses them;")
     print(" packed: the default, weights prepacked for oneDNN (model.packed_linears), CPU only;")
-    print(" each round times every side once, in alternating order; tok/s are medians over rounds, a ratio")
-    print(" is the median of the rounds' ratios and `spread` their range (a drift of the machine's speed")
-    print(" hits both sides of a round alike); floor: one decode step's matrix products alone, ms;")
+    print(" each round times every side twice, in mirrored order (A B C C B A: a steady drift of the machine's")
+    print(" speed then costs every side alike); a side's round time is its two runs' mean, tok/s come from")
+    print(" its median round, a ratio is the median of the rounds' ratios and `spread` their range;")
+    print(" floor: one decode step's matrix products alone, ms;")
     print(" bound: generate's time a step over the floor, the most any sampler of this model could gain)")
     print(f"{'batch':>5} {'generate tok/s':>15} {'plain weights':>14} {'ratio':>6} {'packed':>12} {'ratio':>6} "
           f"{'spread':>11} {'same tokens':>12} {'floor':>6} {'bound':>6}")
     for b in batches:
         prompts = [M.chat_prompt(tok, QUESTIONS[i % len(QUESTIONS)]) for i in range(b)]
         ids, mask = (t.to(device) for t in M.left_pad(prompts, tok.pad_token_id))
-        ticks = Ticks(rounds * (2 + cpu) * b * new_tokens, f"batch {b}")
+        ticks = Ticks(rounds * 2 * (2 + cpu) * b * new_tokens, f"batch {b}")
         sides = {"generate": lambda: model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens,
                                                     min_new_tokens=new_tokens, do_sample=False,
                                                     pad_token_id=tok.pad_token_id,
@@ -143,26 +146,30 @@ def bench_sampler(model, tok, batches, new_tokens, rounds=3):
             sides["packed" if pack else "plain"] = lambda pack=pack: M.sample(
                 model, tok, prompts, max_new_tokens=new_tokens, greedy=True, code=False, ignore_eos=True,
                 pack_weights=pack, progress=ticks.sampled)
-        secs, outs = {k: [] for k in sides}, {}
-        for r in range(rounds):
-            for k in list(sides)[::1 if r % 2 == 0 else -1]:
+        secs, outs = {k: [] for k in sides}, {}          # secs[side][round]: its two runs' seconds
+        for _ in range(rounds):
+            runs = {k: [] for k in sides}
+            for k in list(sides) + list(sides)[::-1]:
                 outs[k], t = timed(sides[k], device)
-                secs[k].append(t)
+                runs[k].append(t)
+            for k in sides:
+                secs[k].append(runs[k])
         ticks.bar.close()
         ref, n = outs["generate"], b * new_tokens
         same = sum(o.response_ids == ref[i, ids.shape[1]:].tolist() for i, o in enumerate(outs["packed"]))
-        ratios = {k: [g / t for g, t in zip(secs["generate"], secs[k])] for k in sides}
-        tok_s = {k: n / statistics.median(v) for k, v in secs.items()}
+        mean = {k: [sum(pair) / 2 for pair in v] for k, v in secs.items()}
+        ratios = {k: [g / t for g, t in zip(mean["generate"], mean[k])] for k in sides}
+        tok_s = {k: n / statistics.median(v) for k, v in mean.items()}
         ratio = {k: statistics.median(v) for k, v in ratios.items()}
         floor = matmul_floor(model, b)
         plain = f"{tok_s['plain']:>14.1f} {ratio['plain']:>5.2f}x" if cpu else f"{'-':>14} {'-':>6}"
         spread = f"{min(ratios['packed']):.2f}-{max(ratios['packed']):.2f}x"
         print(f"{b:>5} {tok_s['generate']:>15.1f} {plain} {tok_s['packed']:>12.1f} {ratio['packed']:>5.2f}x "
-              f"{spread:>11} {same:>8}/{b} {floor:>6.1f} {1000 * statistics.median(secs['generate']) / new_tokens / floor:>5.2f}x")
+              f"{spread:>11} {same:>8}/{b} {floor:>6.1f} {1000 * statistics.median(mean['generate']) / new_tokens / floor:>5.2f}x")
         record(bench="sampler", batch=b, new_tokens=new_tokens, rounds=rounds, generate_tok_s=tok_s["generate"],
                plain_tok_s=tok_s.get("plain"), sample_tok_s=tok_s["packed"], ratio=ratio["packed"],
                plain_ratio=ratio.get("plain"), round_ratios=ratios["packed"], generate_s=secs["generate"],
-               sample_s=secs["packed"], same_tokens=same, floor_ms=floor)
+               sample_s=secs["packed"], plain_s=secs.get("plain"), same_tokens=same, floor_ms=floor)
 
 
 def reencode_loop(model, tok, prompts, prefixes, max_new_tokens, max_code_calls=4, max_output_chars=400,
@@ -316,8 +323,9 @@ def main():
     ap.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (both sides of every comparison run there)")
     ap.add_argument("--batches", type=int, nargs="+", default=[8, 32, 128])
     ap.add_argument("--new-tokens", type=int, default=128)
-    ap.add_argument("--rounds", type=int, default=3,
-                    help="sampler benchmark: times each side this many times, alternating the order; ratios are medians")
+    ap.add_argument("--rounds", type=int, default=2,
+                    help="sampler benchmark: rounds of two runs per side in mirrored order (A B C C B A); "
+                         "ratios are medians over rounds")
     ap.add_argument("--code-prompts", type=int, nargs="+", default=[8, 32],
                     help="rollouts of the code benchmark, one run per value (32: the E-step's --sample-batch)")
     ap.add_argument("--cb-prompts", type=int, default=256, help="prompts of the continuous-batching run")
@@ -356,6 +364,9 @@ def main():
         print(f"model: {args.model} {args.dtype} on {args.device} ({name})")
         CONTEXT.update(model=args.model, dtype=args.dtype, device=args.device, device_name=name)
         M.sample(model, tok, [M.chat_prompt(tok, "Hi")], max_new_tokens=2, code=False)     # warm up the kernels
+        warm = torch.tensor([M.chat_prompt(tok, "Hi")], device=device)                     # ...and generate's
+        model.generate(input_ids=warm, attention_mask=torch.ones_like(warm), max_new_tokens=2,
+                       pad_token_id=tok.pad_token_id)
         if {"all", "sampler"} & set(args.what):
             bench_sampler(model, tok, args.batches, args.new_tokens, args.rounds)
         if {"all", "code"} & set(args.what):

@@ -894,7 +894,8 @@ def sample(model, tok, prompts, prefixes=None, *, max_new_tokens=512, temperatur
     12 of 128 rollouts after their code ran (by up to 0.13, one bf16 step of a logit), one of
     them took another token, and the runs parted from there (README, Results). The set turn: on
     a GPU the row sits out one turn while the other rows step and the sandbox runs, and the turn
-    after waits (a stall only when an execution outlasts a step); on a CPU the next turn waits
+    after waits (a stall only when an execution outlasts that step, no other row was left to
+    step, or more blocks closed at once than the pool has workers); on a CPU the next turn waits
     for it (the sandbox's ~0.01-0.05 s beside a ~0.1 s step at batch 32 on 2 cores; run during
     the step it would share the step's cores: OVERLAP_ON). lockstep=False lets the other rows
     decode meanwhile and inserts outputs as they come.

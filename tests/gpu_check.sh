@@ -90,7 +90,7 @@ if [ "$DEVICE" = cuda ]; then
     # issue 12's shapes: 0.5B at batch 64 (>= 5x generate), 7B at 16 rows (>= 1,500 tok/s);
     # the 256-prompt continuous-batching run on the small shape (code rollouts need a model that
     # writes code: random weights do not)
-    BENCH_SMALL=(sampler continuous --batches 16 64 --new-tokens 128 --dtype bf16 --rounds 2)
+    BENCH_SMALL=(sampler continuous --batches 16 64 --new-tokens 128 --dtype bf16 --rounds 1)
     BENCH_BIG=(sampler --batches 16 --new-tokens 128 --dtype bf16 --rounds 1)
 else   # the dry run: SmolLM2's shape cut to 2 layers, a few tokens
     SMALL=$(make_model smollm2-2layers "$GPU_DIR"/configs/smollm2-135m.json '{"num_hidden_layers": 2}')
@@ -98,7 +98,7 @@ else   # the dry run: SmolLM2's shape cut to 2 layers, a few tokens
         '{"num_hidden_layers": 2, "hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4, "num_key_value_heads": 2}')
     EM=(--queries-per-iter 2 --k 1 --max-new-tokens 8 --batch-size 2 --grad-accum 1 --sample-batch 4
         --eval-n 2 --eval-modes autonomous --iterations 1 --dtype bf16)
-    BENCH_SMALL=(sampler continuous --batches 1 2 --new-tokens 8 --cb-prompts 8 --cb-width 4 --rounds 2)
+    BENCH_SMALL=(sampler continuous --batches 1 2 --new-tokens 8 --cb-prompts 8 --cb-width 4 --rounds 1)
     BENCH_BIG=(sampler --batches 2 --new-tokens 8 --rounds 1)
 fi
 TORCHRUN=("$PYTHON" -m torch.distributed.run --standalone --nproc_per_node 1)
@@ -110,7 +110,7 @@ stage em-fsdp 150 "${TORCHRUN[@]}" em_train.py --fsdp --model "$SMALL" "${EM[@]}
     --out "$WORK/em-fsdp"
 stage em-offload 150 "${TORCHRUN[@]}" em_train.py --fsdp --cpu-offload --model "$SMALL" "${EM[@]}" --out "$WORK/em-offload"
 stage bench-0.5b 150 "$PYTHON" bench.py "${BENCH_SMALL[@]}" --model "$SMALL" --device "$DEVICE" --out "$OUT/bench-0.5b.jsonl"
-stage bench-7b 120 "$PYTHON" bench.py "${BENCH_BIG[@]}" --model "$BIG" --device "$DEVICE" --out "$OUT/bench-7b.jsonl"
+stage bench-7b 180 "$PYTHON" bench.py "${BENCH_BIG[@]}" --model "$BIG" --device "$DEVICE" --out "$OUT/bench-7b.jsonl"
 stage plan 60 "$PYTHON" distributed.py --plan
 for run in em-1proc em-fsdp em-offload; do     # the metrics lines, for the record
     [ -f "$WORK/$run/metrics.jsonl" ] && cp "$WORK/$run/metrics.jsonl" "$OUT/$run.metrics.jsonl"

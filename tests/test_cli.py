@@ -355,7 +355,7 @@ def test_bench_writes_each_measured_row_as_a_json_line(tmp_path, monkeypatch, ca
         monkeypatch.setattr(bench, name, fresh)
     bars = []
 
-    class Bar(bench.tqdm):
+    class Bar(ShownBar):
         def __init__(self, *a, **k):
             super().__init__(*a, **k)
             bars.append(self)
@@ -363,30 +363,32 @@ def test_bench_writes_each_measured_row_as_a_json_line(tmp_path, monkeypatch, ca
     monkeypatch.setattr(sys, "argv", ["bench.py", "sampler", "continuous", "--model", "tiny", "--batches", "1", "2",
                                       "--new-tokens", "3", "--cb-prompts", "3", "--cb-width", "2", "--out", str(out)])
     bench.main()
-    # a bar per row, moved by every decode step of every side: 3 rounds x 3 sides (CPU) x b x 3 tokens
-    assert [(b.n, b.total) for b in bars[:2]] == [(3 * 3 * b * 3, 3 * 3 * b * 3) for b in (1, 2)]
+    # a bar per row, moved by every decode step of every side: 2 rounds x 2 runs x 3 sides (CPU) x b x 3 tokens
+    assert [(b.n, b.total) for b in bars[:2]] == [(2 * 2 * 3 * b * 3, 2 * 2 * 3 * b * 3) for b in (1, 2)]
     assert 2 * 3 <= bars[2].n <= bars[2].total == 2 * 3 * 3      # continuous: rows may end at EOS
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [(r["bench"], r.get("batch")) for r in rows] == [("sampler", 1), ("sampler", 2), ("continuous", None)]
     assert all(r["model"] == "tiny" and r["device"] == "cpu" and r["dtype"] == "fp32" and r["cores"] for r in rows)
     for r in rows[:2]:
         n = r["batch"] * r["new_tokens"]
-        assert r["rounds"] == 3 == len(r["generate_s"]) == len(r["sample_s"]) == len(r["round_ratios"])
-        assert r["round_ratios"] == pytest.approx([g / t for g, t in zip(r["generate_s"], r["sample_s"])])
+        assert r["rounds"] == 2 == len(r["generate_s"]) == len(r["sample_s"]) == len(r["round_ratios"])
+        assert all(len(pair) == 2 for pair in r["generate_s"] + r["sample_s"] + r["plain_s"])
+        assert r["round_ratios"] == pytest.approx([sum(g) / sum(t) for g, t in zip(r["generate_s"], r["sample_s"])])
         assert r["ratio"] == pytest.approx(statistics.median(r["round_ratios"]))
-        assert r["sample_tok_s"] == pytest.approx(n / statistics.median(r["sample_s"]))
-        assert r["generate_tok_s"] == pytest.approx(n / statistics.median(r["generate_s"]))
+        assert r["sample_tok_s"] == pytest.approx(n / statistics.median(sum(t) / 2 for t in r["sample_s"]))
+        assert r["generate_tok_s"] == pytest.approx(n / statistics.median(sum(t) / 2 for t in r["generate_s"]))
         assert r["same_tokens"] <= r["batch"] and r["plain_tok_s"] > 0 and r["floor_ms"] > 0
     assert rows[2]["ratio"] == pytest.approx(rows[2]["chunks_s"] / rows[2]["continuous_s"])
     assert "sampler vs generate" in capsys.readouterr().out
     assert not os.path.exists(f"{out}.tmp")
 
 
-def test_bench_sampler_alternates_the_sides_and_pairs_each_round(tiny, tok, monkeypatch, capsys):
-    """A machine whose speed drifts: each round times every side once, the order reversed
-    every other round, and a round's ratio pairs the times of that round. Here every call is
-    slower than the one before (a fake clock: the n-th call takes n seconds), so a fixed order
-    would favour whichever side runs first."""
+def test_bench_sampler_mirrors_each_round_so_a_steady_drift_costs_every_side_alike(tiny, tok, monkeypatch,
+                                                                                   capsys):
+    """A machine whose speed drifts: each round runs the sides in mirrored order (A B C C B A)
+    and a side's round time is the mean of its two runs. Here every run is slower than the one
+    before (a fake clock: the n-th run takes n seconds), so three equally fast sides must come
+    out level; run in one order, the side that runs first would look faster."""
     calls, real_generate = [], tiny.generate
     monkeypatch.setattr(tiny, "generate", lambda *a, **k: calls.append("generate") or real_generate(*a, **k))
     real_sample = M.sample
@@ -397,16 +399,35 @@ def test_bench_sampler_alternates_the_sides_and_pairs_each_round(tiny, tok, monk
     monkeypatch.setattr(bench, "matmul_floor", lambda model, b: 1.0)
     for name, fresh in (("ROWS", []), ("OUT", None), ("CONTEXT", {})):
         monkeypatch.setattr(bench, name, fresh)
-    bench.bench_sampler(tiny, tok, [2], 3, rounds=3)
+    bench.bench_sampler(tiny, tok, [2], 3, rounds=2)
     sides = ["generate", "packed", "plain"]              # plain weights: a CPU-only side
-    assert calls == sides + sides[::-1] + sides
+    assert calls == (sides + sides[::-1]) * 2
     [row] = bench.ROWS
-    k = len(sides)
-    generate_s = [1, 2 * k, 2 * k + 1]               # first, last, first of its round
-    packed_s = [2, 2 * k - 1, 2 * k + 2]
-    assert row["generate_s"] == generate_s and row["sample_s"] == packed_s
-    assert row["ratio"] == pytest.approx(statistics.median(g / t for g, t in zip(generate_s, packed_s)))
-    assert "3 round(s)" in capsys.readouterr().out
+    assert row["generate_s"] == [[1, 6], [7, 12]] and row["sample_s"] == [[2, 5], [8, 11]]
+    assert row["plain_s"] == [[3, 4], [9, 10]]
+    assert row["round_ratios"] == [1.0, 1.0] and row["ratio"] == row["plain_ratio"] == 1.0
+    assert row["sample_tok_s"] == row["generate_tok_s"] == pytest.approx(2 * 3 / 6.5)   # the median round: 3.5, 9.5
+    assert "2 round(s)" in capsys.readouterr().out
+
+
+class ShownBar(bench.tqdm):
+    """bench's bar, on though pytest's stderr is no terminal (disable=None turns it off there)."""
+
+    def __init__(self, *a, **k):
+        super().__init__(*a, **{**k, "disable": False})
+
+
+def test_bench_progress_criterion_leaves_generate_unchanged(tiny, tok, monkeypatch):
+    """The bar's stopping criterion counts tokens and stops nothing: generate returns what it
+    returns without it, and the bar has counted every row of every step."""
+    monkeypatch.setattr(bench, "tqdm", ShownBar)
+    ids, mask = M.left_pad([M.chat_prompt(tok, q) for q in ("Hi", "What is 2 + 2?")], tok.pad_token_id)
+    kw = dict(input_ids=ids, attention_mask=mask, max_new_tokens=6, min_new_tokens=6, do_sample=False,
+              pad_token_id=tok.pad_token_id)
+    ticks = bench.Ticks(2 * 6, "test")
+    counted = tiny.generate(**kw, stopping_criteria=bench.StoppingCriteriaList([ticks]))
+    assert torch.equal(counted, tiny.generate(**kw))
+    assert ticks.bar.n == 2 * 6
 
 
 def test_bench_matmul_floor_reads_every_linear_weight_once_per_step(tiny):

@@ -96,51 +96,52 @@ def test_lockstep_makes_the_forwards_independent_of_the_executor_timing(tiny, to
     assert [o.logprobs for o in slow_outs] == [o.logprobs for o in fast_outs]
     free, _ = run(Jittery("5", "6", "7", slow=0.3, seed=1), False)
     assert free != fast                       # a 0.3 s answer lets the other rows step without it
-
-
-class Busy(Scripted):
-    """Scripted answers after `busy` seconds of work; records when each execution ran."""
-
-    def __init__(self, *answers, busy):
-        super().__init__(*answers)
-        self.busy, self.spans = busy, []
-
-    def __call__(self, cells):
-        t = time.monotonic()
-        time.sleep(self.busy)
-        self.spans.append((t, time.monotonic()))
-        return super().__call__(cells)
+    # ...and with prompts waiting for a slot (continuous batching moves rows between slots)
+    kw["batch_size"] = 4
+    narrow, narrow_outs = run(Scripted("5", "6", "7"), True)
+    late, late_outs = run(Jittery("5", "6", "7", slow=0.1, seed=2), True)
+    assert late == narrow and [o.logprobs for o in late_outs] == [o.logprobs for o in narrow_outs]
 
 
 @pytest.mark.parametrize("overlap", [False, True], ids=["cpu", "gpu-like"])
 def test_where_the_forward_leaves_the_cpu_free_code_runs_while_the_other_rows_step(tiny, tok, monkeypatch,
                                                                                     overlap):
-    """On a GPU (OVERLAP_ON) a row whose block closed sits out one turn, and its execution runs
-    while the other rows take a step: the sandbox's time hides behind a forward instead of
-    stalling every row. On a CPU the next turn waits for it, and no forward runs meanwhile
-    (there the sandbox would take the step's cores). The rollouts are the same either way."""
+    """On a GPU (OVERLAP_ON) a row whose block closed sits out one turn: the other rows take a
+    decode step while its execution is pending, so the sandbox's time hides behind a forward
+    instead of stalling every row. On a CPU the next turn waits for it first (there the sandbox
+    would take the step's cores). Counted on the loop's own schedule, not on a clock: the
+    decode steps between an execution's start and its output's insertion. The rollouts are the
+    same either way."""
     monkeypatch.setattr(M, "OVERLAP_ON", {"cpu"} if overlap else set())
     lm = code_writer(tiny, tok, strength=13.0)
     prompts, prefixes = code_prompts(tok, 6)
     kw = dict(max_new_tokens=40, temperature=1.0, seed=7, max_code_calls=3)
-    executor, steps = Busy("5", "6", "7", busy=0.05), []
-    decode = M._Sampler.decode
+    steps, pending, between = [0], {}, []
+    decode, start_code, insert_output = M._Sampler.decode, M._Sampler.start_code, M._Sampler.insert_output
 
-    def timed(self, part):
-        t = time.monotonic()
-        out = decode(self, part)
-        steps.append((t, time.monotonic()))
-        return out
-    monkeypatch.setattr(M._Sampler, "decode", timed)
-    outs = M.sample(lm, tok, prompts, prefixes, executor=executor, **kw)
-    during = [any(s < end and e > start for s, e in steps) for start, end in executor.spans]
-    assert len(during) >= 6, "the test needs rows that pause on code"
+    def counted(self, part):
+        steps[0] += 1
+        return decode(self, part)
+
+    def started(self, r, block, newline):
+        start_code(self, r, block, newline)
+        if r.future is not None:                        # an execution, not the call limit's note
+            pending[r.index] = steps[0]
+
+    def inserted(self, r, shown):
+        if r.index in pending:
+            between.append(steps[0] - pending.pop(r.index))
+        return insert_output(self, r, shown)
+    for name, fn in (("decode", counted), ("start_code", started), ("insert_output", inserted)):
+        monkeypatch.setattr(M._Sampler, name, fn)
+    outs = M.sample(lm, tok, prompts, prefixes, executor=Scripted("5", "6", "7"), **kw)
+    assert len(between) >= 6, "the test needs rows that pause on code"
     if overlap:
-        assert sum(during) >= len(during) // 2, during
+        # one step each, but for an execution started when no other row was left to step
+        assert set(between) <= {0, 1} and between.count(1) >= len(between) - 2, between
     else:
-        assert not any(during), during
-    monkeypatch.setattr(M._Sampler, "decode", decode)
-    monkeypatch.setattr(M, "OVERLAP_ON", set())
+        assert set(between) == {0}, between
+    monkeypatch.undo()
     assert_same(outs, M.sample(lm, tok, prompts, prefixes, executor=Scripted("5", "6", "7"), **kw))
 
 
