@@ -162,10 +162,11 @@ def bench_sampler(model, tok, batches, new_tokens, rounds=2):
         tok_s = {k: n / statistics.median(v) for k, v in mean.items()}
         ratio = {k: statistics.median(v) for k, v in ratios.items()}
         floor = matmul_floor(model, b)
+        bound = 1000 * statistics.median(mean["generate"]) / new_tokens / floor
         plain = f"{tok_s['plain']:>14.1f} {ratio['plain']:>5.2f}x" if cpu else f"{'-':>14} {'-':>6}"
         spread = f"{min(ratios['packed']):.2f}-{max(ratios['packed']):.2f}x"
         print(f"{b:>5} {tok_s['generate']:>15.1f} {plain} {tok_s['packed']:>12.1f} {ratio['packed']:>5.2f}x "
-              f"{spread:>11} {same:>8}/{b} {floor:>6.1f} {1000 * statistics.median(mean['generate']) / new_tokens / floor:>5.2f}x")
+              f"{spread:>11} {same:>8}/{b} {floor:>6.1f} {bound:>5.2f}x")
         record(bench="sampler", batch=b, new_tokens=new_tokens, rounds=rounds, generate_tok_s=tok_s["generate"],
                plain_tok_s=tok_s.get("plain"), sample_tok_s=tok_s["packed"], ratio=ratio["packed"],
                plain_ratio=ratio.get("plain"), round_ratios=ratios["packed"], generate_s=secs["generate"],

@@ -641,8 +641,8 @@ def _watched(tok, chars):
 # Device types whose forward leaves the CPU's cores free. There, under lockstep, a row sits out
 # one turn after its block closes (lag 1): its execution runs in the sandbox while the other rows
 # take a step, instead of every row waiting for it. On a CPU the sandbox would take the cores the
-# step runs on: 8 code rollouts (bench.py code, 2 cores) took 13.5-18.1 s with a turn out against
-# 12.9-15.9 s without, in alternating rounds.
+# step runs on: bench.py code's 8 rollouts (the sampler's side, 2 cores, an ad hoc A/B in
+# alternating rounds) took 13.5-18.1 s with a turn out against 12.9-15.9 s without.
 OVERLAP_ON = {"cuda"}
 
 
@@ -830,9 +830,10 @@ class _Sampler:
 
     def collect(self, block, lockstep=False):
         """Start a turn of the loop: insert the outputs of finished executions. With `lockstep`,
-        exactly those started `lag` turns or more before the previous one, waiting for them: which
-        rows share a forward is then the same whatever the executor's speed. Without, whatever
-        has finished, waiting for one first if `block` (no row could move otherwise)."""
+        exactly those started before turn `turn - lag` (lag 0: any earlier turn; lag 1: before
+        the previous one, which the row sat out), waiting for them: which rows share a forward is
+        then the same whatever the executor's speed. Without, whatever has finished, waiting for
+        one first if `block` (no row could move otherwise)."""
         self.turn += 1
         waiting = [r for r in self.rows if r.future is not None and not r.done]
         if lockstep:
