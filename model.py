@@ -819,6 +819,12 @@ class _Sampler:
         r.out.text = self.tok.decode(r.out.response_ids, skip_special_tokens=True)
         self.finished.append(r)
 
+    def report(self, progress, tokens):
+        """Tell `progress` the tokens just sampled and the rows finished since it last heard."""
+        if progress is not None and (tokens or len(self.finished) > self.reported):
+            progress(tokens, len(self.finished) - self.reported)
+            self.reported = len(self.finished)
+
     # -- code ----------------------------------------------------------------------------
     def start_code(self, r, block, newline):
         r.newline = newline
@@ -884,7 +890,8 @@ def sample(model, tok, prompts, prefixes=None, *, max_new_tokens=512, temperatur
     format, which a base model goes on to invent, boxed answer and all, after its own.
     batch_size: rows decoded together (default: all prompts); when there are more prompts,
     a finished row's slot goes to the next waiting prompt (continuous batching).
-    progress: called as progress(new_tokens, finished_rows) after every forward that samples.
+    progress: called as progress(new_tokens, finished_rows) after every forward that samples,
+    and with new_tokens 0 when rows end as an output is inserted (their budget was spent).
     Prompt i draws from its own random stream, keyed by (seed, i): results do not depend on
     the batch width or on when the executor answers. seed may also be a list, one int per
     prompt: prompt i's stream is then keyed by seed[i] alone (evaluate.py keys each sample by
@@ -931,6 +938,7 @@ def sample(model, tok, prompts, prefixes=None, *, max_new_tokens=512, temperatur
                 # rows paused on code take their outputs; wait only if no row could move otherwise
                 # (lockstep: wait for those due this turn)
                 run.collect(block=all(r.future is not None for r in run.rows), lockstep=lockstep)
+                run.report(progress, 0)         # a row whose output used up its budget ended there
                 ready = [r for r in run.rows if r.future is None and not r.done]
                 for part, forward in (([r for r in ready if len(r.feed) > 1], run.prefill),
                                       ([r for r in ready if len(r.feed) == 1], run.decode)):
@@ -938,9 +946,7 @@ def sample(model, tok, prompts, prefixes=None, *, max_new_tokens=512, temperatur
                         tokens, logps = forward(part)
                         for r, token, logp in zip(part, tokens, logps):
                             run.accept(r, token, logp)
-                        if progress is not None:
-                            progress(len(part), len(run.finished) - run.reported)
-                            run.reported = len(run.finished)
+                        run.report(progress, len(part))
     finally:
         if run.pool is not None:
             run.pool.shutdown(wait=False, cancel_futures=True)

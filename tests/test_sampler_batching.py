@@ -238,6 +238,18 @@ def test_progress_reports_every_sampled_token_and_finished_row(tiny, tok):
     assert all(1 <= n <= 2 for n, _ in calls)          # never more tokens than rows in the batch
 
 
+def test_progress_hears_of_a_row_that_ends_on_its_inserted_output(tiny, tok):
+    """A row whose last sampled token closes a code block ends when its output goes in, at the
+    start of the next turn, not after a forward; as the last row, no forward followed to report
+    it and a bar over rollouts stopped one short."""
+    prompts, prefixes = code_prompts(tok, 1)            # "```python\nprint(0)\n": the next token closes it
+    calls = []
+    outs = M.sample(code_writer(tiny, tok), tok, prompts, prefixes, max_new_tokens=1, greedy=True,
+                    executor=Scripted("0"), progress=lambda new, finished: calls.append((new, finished)))
+    assert outs[0].finish == "length" and len(outs[0].code_calls) == 1, "the test needs the block closed at the end"
+    assert sum(n for n, _ in calls) == 1 and sum(f for _, f in calls) == 1
+
+
 def test_cache_grows_for_long_outputs(tiny, tok, monkeypatch):
     """An output far longer than the cache's initial estimate: the cache reallocates, to what
     the longest row needs or by a quarter (not doubled: every slot grows with it), and the
