@@ -3,7 +3,8 @@
   python bench.py sampler     # model.sample vs model.generate, batch 8 / 32 / 128, 128 new tokens,
                               # the sampler on plain and on prepacked weights, 2 rounds (--rounds),
                               # and the floor: one decode step's matrix products alone
-  python bench.py code        # code-calling rollouts, 8 and 32 of them: model.sample vs generate + re-encode loop
+  python bench.py code        # code-calling rollouts, 8 and 32 of them: model.sample vs generate + re-encode loop,
+                              # one mirrored round (--code-rounds): sample, re-encode, re-encode, sample
   python bench.py continuous  # 256 prompts of mixed lengths: continuous batching vs fixed chunks
   python bench.py sandbox     # sandbox latency p50 vs `python -c`, and a 64-cell batch
   python bench.py             # all four
@@ -13,7 +14,7 @@ Every number is printed next to its baseline from the same run on the same machi
 targets (issue text) are ratios, so they hold or fail here and now. No test asserts them.
 Both sides of each comparison decode greedily with EOS ignored (`min_new_tokens` for
 generate), so they produce the same number of tokens and the tokens/s compare work, not luck.
-The sampler rows time each side twice per round, in mirrored order (A B C C B A), and report
+The sampler and code rows time each side twice per round, in mirrored order (A B C C B A), and report
 the median of the rounds' ratios with their range: a CPU shared with other tenants drifts by
 10-30% within minutes, which one run of each side, one after the other, reads as a difference
 in speed (a steady drift costs every side of a mirrored round alike).
@@ -121,6 +122,27 @@ def matmul_floor(model, b, reps=10):
         return 1000 * statistics.median(timed(step, w.device)[1] for _ in range(reps))
 
 
+def mirrored(sides, rounds, device):
+    """Run every side of a comparison twice per round in mirrored order (A B C C B A), so that a
+    steady drift of the machine's speed costs every side alike. Returns (the last output of each
+    side, secs) with secs[side] = [[first, second run's seconds] for each round]."""
+    secs, outs = {k: [] for k in sides}, {}
+    for _ in range(rounds):
+        runs = {k: [] for k in sides}
+        for k in list(sides) + list(sides)[::-1]:
+            outs[k], t = timed(sides[k], device)
+            runs[k].append(t)
+        for k in sides:
+            secs[k].append(runs[k])
+    return outs, secs
+
+
+def per_round(secs, base):
+    """(each side's round times: the mean of its two runs; each side's ratios base / side, one a round)."""
+    mean = {k: [sum(pair) / 2 for pair in v] for k, v in secs.items()}
+    return mean, {k: [b / t for b, t in zip(mean[base], mean[k])] for k in secs}
+
+
 def bench_sampler(model, tok, batches, new_tokens, rounds=2):
     device = model.device
     cpu = device.type == "cpu"
@@ -146,19 +168,11 @@ def bench_sampler(model, tok, batches, new_tokens, rounds=2):
             sides["packed" if pack else "plain"] = lambda pack=pack: M.sample(
                 model, tok, prompts, max_new_tokens=new_tokens, greedy=True, code=False, ignore_eos=True,
                 pack_weights=pack, progress=ticks.sampled)
-        secs, outs = {k: [] for k in sides}, {}          # secs[side][round]: its two runs' seconds
-        for _ in range(rounds):
-            runs = {k: [] for k in sides}
-            for k in list(sides) + list(sides)[::-1]:
-                outs[k], t = timed(sides[k], device)
-                runs[k].append(t)
-            for k in sides:
-                secs[k].append(runs[k])
+        outs, secs = mirrored(sides, rounds, device)
         ticks.bar.close()
         ref, n = outs["generate"], b * new_tokens
         same = sum(o.response_ids == ref[i, ids.shape[1]:].tolist() for i, o in enumerate(outs["packed"]))
-        mean = {k: [sum(pair) / 2 for pair in v] for k, v in secs.items()}
-        ratios = {k: [g / t for g, t in zip(mean["generate"], mean[k])] for k in sides}
+        mean, ratios = per_round(secs, "generate")
         tok_s = {k: n / statistics.median(v) for k, v in mean.items()}
         ratio = {k: statistics.median(v) for k, v in ratios.items()}
         floor = matmul_floor(model, b)
@@ -235,25 +249,33 @@ def reencode_loop(model, tok, prompts, prefixes, max_new_tokens, max_code_calls=
     return [c[len(p):] for c, p in zip(ctx, prompts)], calls
 
 
-def bench_code(model, tok, n, new_tokens):
-    print(f"\n== code-calling rollouts: {n} prompts, greedy, {new_tokens} sampled tokens each ==")
+def bench_code(model, tok, n, new_tokens, rounds=1):
+    print(f"\n== code-calling rollouts: {n} prompts, greedy, {new_tokens} sampled tokens each, "
+          f"{rounds} mirrored round(s) (sample, re-encode, re-encode, sample) ==")
     prompts = [M.chat_prompt(tok, DEMO + "Question: " + CODE_QUESTIONS[i % len(CODE_QUESTIONS)]) for i in range(n)]
     prefix = tok("```python\na = ", add_special_tokens=False).input_ids
     sandbox.run_cells(["pass"])
-    ticks = Ticks(2 * n * new_tokens, f"{n} code rollouts")      # the re-encode loop stops rows at EOS
-    outs, t_ours = timed(lambda: M.sample(model, tok, prompts, [prefix] * n, max_new_tokens=new_tokens, greedy=True,
-                                          ignore_eos=True, progress=ticks.sampled), model.device)
-    (ref, calls), t_ref = timed(lambda: reencode_loop(model, tok, prompts, [prefix] * n, new_tokens, ticks=ticks),
-                                model.device)
+    ticks = Ticks(rounds * 4 * n * new_tokens, f"{n} code rollouts")      # the re-encode loop stops rows at EOS
+    sides = {"sample": lambda: M.sample(model, tok, prompts, [prefix] * n, max_new_tokens=new_tokens, greedy=True,
+                                        ignore_eos=True, progress=ticks.sampled),
+             "reencode": lambda: reencode_loop(model, tok, prompts, [prefix] * n, new_tokens, ticks=ticks)}
+    outs, secs = mirrored(sides, rounds, model.device)
     ticks.bar.close()
+    (ref, calls), outs = outs["reencode"], outs["sample"]
+    mean, ratios = per_round(secs, "reencode")
+    t_ours, t_ref, ratio = (statistics.median(v) for v in (mean["sample"], mean["reencode"], ratios["sample"]))
     sampled = sum(o.n_sampled for o in outs)
     same = sum(o.response_ids == r for o, r in zip(outs, ref))
     print(f"code calls per rollout: {[len(o.code_calls) for o in outs]} (baseline {calls})")
-    print(f"re-encode loop: {t_ref:6.1f} s  {sampled / t_ref:6.1f} sampled tok/s")
-    print(f"model.sample:   {t_ours:6.1f} s  {sampled / t_ours:6.1f} sampled tok/s   "
-          f"ratio {t_ref / t_ours:.2f}x   identical rollouts {same}/{n}")
-    record(bench="code", prompts=n, new_tokens=new_tokens, code_calls=sum(len(o.code_calls) for o in outs),
-           reencode_s=t_ref, sample_s=t_ours, ratio=t_ref / t_ours, identical=same)
+    runs = lambda side: ", ".join(f"{a:.1f} + {b:.1f}" for a, b in secs[side])
+    print(f"re-encode loop: {t_ref:6.1f} s  {sampled / t_ref:6.1f} sampled tok/s   (runs: {runs('reencode')} s)")
+    print(f"model.sample:   {t_ours:6.1f} s  {sampled / t_ours:6.1f} sampled tok/s   (runs: {runs('sample')} s)   "
+          f"ratio {ratio:.2f}x (rounds {min(ratios['sample']):.2f}-{max(ratios['sample']):.2f}x)   "
+          f"identical rollouts {same}/{n}")
+    record(bench="code", prompts=n, new_tokens=new_tokens, rounds=rounds,
+           code_calls=sum(len(o.code_calls) for o in outs), reencode_s=t_ref, sample_s=t_ours, ratio=ratio,
+           round_ratios=ratios["sample"], reencode_runs_s=secs["reencode"], sample_runs_s=secs["sample"],
+           identical=same)
 
 
 def bench_continuous(model, tok, n, width, new_tokens):
@@ -327,6 +349,8 @@ def main():
     ap.add_argument("--rounds", type=int, default=2,
                     help="sampler benchmark: rounds of two runs per side in mirrored order (A B C C B A); "
                          "ratios are medians over rounds")
+    ap.add_argument("--code-rounds", type=int, default=1,
+                    help="code benchmark: mirrored rounds (sample, re-encode, re-encode, sample)")
     ap.add_argument("--code-prompts", type=int, nargs="+", default=[8, 32],
                     help="rollouts of the code benchmark, one run per value (32: the E-step's --sample-batch)")
     ap.add_argument("--cb-prompts", type=int, default=256, help="prompts of the continuous-batching run")
@@ -338,9 +362,9 @@ def main():
     if set(args.what) - {"all", "sampler", "code", "continuous", "sandbox"}:
         raise SystemExit(f"error: unknown benchmark in {args.what}: choose from all, sampler, code, continuous, sandbox")
     if min(args.batches + args.code_prompts + [args.new_tokens, args.cb_prompts, args.cb_width, args.reps,
-                                              args.rounds]) < 1:
-        raise SystemExit("error: --batches, --new-tokens, --code-prompts, --cb-prompts, --cb-width, --reps and "
-                         "--rounds must be at least 1")
+                                              args.rounds, args.code_rounds]) < 1:
+        raise SystemExit("error: --batches, --new-tokens, --code-prompts, --cb-prompts, --cb-width, --reps, "
+                         "--rounds and --code-rounds must be at least 1")
     try:
         device = torch.device(args.device)
     except RuntimeError:
@@ -372,7 +396,7 @@ def main():
             bench_sampler(model, tok, args.batches, args.new_tokens, args.rounds)
         if {"all", "code"} & set(args.what):
             for n in args.code_prompts:
-                bench_code(model, tok, n, args.new_tokens)
+                bench_code(model, tok, n, args.new_tokens, args.code_rounds)
         if {"all", "continuous"} & set(args.what):
             bench_continuous(model, tok, args.cb_prompts, args.cb_width, args.new_tokens)
 

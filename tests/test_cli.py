@@ -194,9 +194,10 @@ def test_model_main_refuses_bad_flags(refused, argv, expect):
     assert expect in refused(M.main, argv + ["--model", "tiny"])
 
 
-@pytest.mark.parametrize("flag", ["--batches", "--code-prompts"])
-def test_bench_refuses_bad_counts(refused, monkeypatch, flag):
-    monkeypatch.setattr(sys, "argv", ["bench.py", "sampler", flag, "8", "0"])
+@pytest.mark.parametrize("flag, values", [("--batches", ["8", "0"]), ("--code-prompts", ["8", "0"]),
+                                          ("--rounds", ["0"]), ("--code-rounds", ["0"])])
+def test_bench_refuses_bad_counts(refused, monkeypatch, flag, values):
+    monkeypatch.setattr(sys, "argv", ["bench.py", "sampler", flag] + values)
     assert flag in refused(lambda argv: bench.main(), None)
 
 
@@ -408,6 +409,28 @@ def test_bench_sampler_mirrors_each_round_so_a_steady_drift_costs_every_side_ali
     assert row["round_ratios"] == [1.0, 1.0] and row["ratio"] == row["plain_ratio"] == 1.0
     assert row["sample_tok_s"] == row["generate_tok_s"] == pytest.approx(2 * 3 / 6.5)   # the median round: 3.5, 9.5
     assert "2 round(s)" in capsys.readouterr().out
+
+
+def test_bench_code_mirrors_its_round_and_writes_each_run(tiny, tok, monkeypatch, capsys):
+    """The code rows time the sampler and the re-encode loop as the sampler rows do: sample,
+    re-encode, re-encode, sample, on a fake clock where each run takes a second more than the
+    last, so that two equally fast sides come out level (one run each, in one order, read 2x)."""
+    calls = []
+    real_sample, real_loop = M.sample, bench.reencode_loop
+    monkeypatch.setattr(bench.M, "sample", lambda *a, **k: calls.append("sample") or real_sample(*a, **k))
+    monkeypatch.setattr(bench, "reencode_loop", lambda *a, **k: calls.append("reencode") or real_loop(*a, **k))
+    clock = iter(range(1, 100))
+    monkeypatch.setattr(bench, "timed", lambda fn, device: (fn(), next(clock)))
+    for name, fresh in (("ROWS", []), ("OUT", None), ("CONTEXT", {})):
+        monkeypatch.setattr(bench, name, fresh)
+    bench.bench_code(tiny, tok, 2, 3, rounds=2)
+    assert calls == ["sample", "reencode", "reencode", "sample"] * 2
+    [row] = bench.ROWS
+    assert row["sample_runs_s"] == [[1, 4], [5, 8]] and row["reencode_runs_s"] == [[2, 3], [6, 7]]
+    assert row["round_ratios"] == [1.0, 1.0] and row["ratio"] == 1.0 and row["rounds"] == 2
+    assert row["sample_s"] == row["reencode_s"] == 4.5           # the median of the rounds' means 2.5, 6.5
+    assert 0 <= row["identical"] <= 2
+    assert "runs: 1.0 + 4.0, 5.0 + 8.0 s" in capsys.readouterr().out
 
 
 class ShownBar(bench.tqdm):
