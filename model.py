@@ -660,7 +660,8 @@ class _Sampler:
         # only a token holding a stop string's last character can complete it (the characters of
         # "\nQuestion:" are in most of a vocabulary; ":" is in few tokens)
         self.stop_ids = _watched(tok, "".join(s[-1] for s in self.stop if s))
-        self.stop_span = max(map(len, self.stop), default=0) + 2    # tokens that can hold a stop string
+        # tokens that can hold a stop string: a byte-level vocabulary spends at least a byte a token
+        self.stop_span = max((len(s.encode()) for s in self.stop), default=0) + 2
         self.cache = SlotCache(width, capacity)
         graphs = self.device.type == "cuda" and not sharded(model)
         self.step = _DecodeStep(model, self.cache, width, draw, graphs)
@@ -802,10 +803,8 @@ class _Sampler:
         r.feed = [token]
         if token in self.eos:
             return self.finish(r, "eos")
-        if token in self.stop_ids:
-            tail = self.tok.decode(out.response_ids[-self.stop_span:])
-            if any(s in tail for s in self.stop):
-                return self.finish(r, "stop")
+        if token in self.stop_ids and self.completes_stop(out.response_ids[-self.stop_span:]):
+            return self.finish(r, "stop")
         if token in self.tick_ids:
             text = self.tok.decode(out.response_ids[r.scan:])
             m = CODE_BLOCK.search(text)
@@ -813,6 +812,16 @@ class _Sampler:
                 return self.start_code(r, m.group(1), text.endswith("\n"))
         if r.n_new >= self.max_new_tokens:
             return self.finish(r, "length")
+
+    def completes_stop(self, tail):
+        """Whether the last token of `tail` completes a stop string: one more occurrence in the
+        text than without it. A stop string inside an inserted output or a prefix is not the
+        model's, and stops nothing."""
+        now = self.tok.decode(tail)
+        if not any(s in now for s in self.stop):
+            return False
+        before = self.tok.decode(tail[:-1])
+        return any(now.count(s) > before.count(s) for s in self.stop)
 
     def finish(self, r, why):
         r.out.finish, r.done = why, True
@@ -829,7 +838,8 @@ class _Sampler:
     def start_code(self, r, block, newline):
         r.newline = newline
         if len(r.out.code_calls) >= self.max_code_calls:
-            return self.insert_output(r, "Reach max function call limit.")
+            shown, r.note = r.note + "Reach max function call limit.", ""
+            return self.insert_output(r, shown)
         r.out.code_calls.append({"code": block})
         r.future = self.pool.submit(self.executor, r.cells + [block])   # the row pauses
         r.started = self.turn
@@ -885,9 +895,11 @@ def sample(model, tok, prompts, prefixes=None, *, max_new_tokens=512, temperatur
     them but marked as not sampled. executor(cells) -> object with .output .ok .error.
     code=False turns code interleaving off (plain generation). max_new_tokens counts sampled
     tokens; inserted tokens (prefix, outputs) are bounded by max_output_chars instead.
-    stop: strings that end a solution. Default: none where the tokenizer has a chat template
-    (EOS ends a turn); without one, "\nQuestion:", the next turn of chat_prompt's plain-text
-    format, which a base model goes on to invent, boxed answer and all, after its own.
+    stop: strings that end a solution when a sampled token completes one (one inside an inserted
+    output or a prefix is not the model's and ends nothing). Default: none where the tokenizer
+    has a chat template (EOS ends a turn); without one, "\nQuestion:", the next turn of
+    chat_prompt's plain-text format, which a base model goes on to invent, boxed answer and all,
+    after its own.
     batch_size: rows decoded together (default: all prompts); when there are more prompts,
     a finished row's slot goes to the next waiting prompt (continuous batching).
     progress: called as progress(new_tokens, finished_rows) after every forward that samples,
@@ -910,6 +922,10 @@ def sample(model, tok, prompts, prefixes=None, *, max_new_tokens=512, temperatur
     pack_weights (default): on a CPU, multiply with weights prepacked for oneDNN
     (`packed_linears`); False runs the model's own linear layers (bench.py prints both).
     """
+    if prefixes is not None and len(prefixes) != len(prompts):
+        raise ValueError(f"sample: {len(prefixes)} prefixes for {len(prompts)} prompts")
+    if max_new_tokens < 1:
+        raise ValueError(f"sample: max_new_tokens must be at least 1, got {max_new_tokens}")
     prefixes = prefixes or [[] for _ in prompts]
     if stop is None:
         stop = () if tok.chat_template else ("\nQuestion:",)

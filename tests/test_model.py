@@ -118,6 +118,59 @@ def test_stop_string_eos_and_max_tokens(tiny, tok):
     assert o.finish == "eos" and o.response_ids[-1] == eos and o.response_ids[:3] == free[1].response_ids[:3]
 
 
+def test_a_stop_string_in_an_inserted_output_stops_nothing(tiny, tok):
+    """The code prints the stop string; the model then writes a token that could end one
+    (":"). The old check decoded the last tokens whatever wrote them and ended the row there."""
+    t = lambda s: tok(s, add_special_tokens=False).input_ids
+    [nl], [ticks], [colon] = t("\n"), t("```"), t(":")
+    lm = Bigram(tiny, [(nl, ticks), (ticks, colon)])            # "\n" -> "```" -> ":"
+    prompt, prefix = M.chat_prompt(tok, "What is 2+2?"), t("```python\nprint(1)\n")
+    printed = SimpleNamespace(output="Question: 5", ok=True, error=None)
+    [o] = M.sample(lm, tok, [prompt], [prefix], max_new_tokens=4, greedy=True, stop=["\nQuestion:"],
+                   executor=lambda cells: printed, max_code_calls=1)
+    assert "```output\nQuestion: 5\n```\n```:" in o.text, o.text     # the output, then the model's ":"
+    assert o.finish == "length" and o.n_sampled == 4
+    # ...while a ":" that does complete it stops the row: the stop string's opening as the prefix
+    [o] = M.sample(lm, tok, [prompt], [t("\nQuestion```")], max_new_tokens=4, greedy=True, stop=["Question```:"],
+                   code=False)
+    assert o.finish == "stop" and o.n_sampled == 1 and o.text.endswith("Question```:")
+
+
+@pytest.mark.parametrize("word", ["質問：", "問題：", "문제:"])
+def test_a_stop_string_of_many_byte_tokens_is_seen(tiny, tok, word):
+    """A byte-level vocabulary spells a rare non-ASCII character as several tokens: the window
+    the stop check decodes must count the string's bytes, not its characters."""
+    script = tok("7 " + word, add_special_tokens=False).input_ids
+    prompt = M.chat_prompt(tok, "What is 3 + 4?")
+    chain = [prompt[-1]] + script
+    assert len(set(chain)) == len(chain), "the scripted tokens must be distinct for the bigram chain"
+    assert len(script) - 1 > len(word) + 2, "the test needs a word spelled in more tokens than characters + 2"
+    lm = Bigram(tiny, list(zip(chain, chain[1:])), strength=1e4)
+    [o] = M.sample(lm, tok, [prompt], max_new_tokens=len(script) + 3, greedy=True, code=False, ignore_eos=True,
+                   stop=[word])
+    assert o.finish == "stop" and o.text == "7 " + word, o.text
+
+
+def test_sample_refuses_mismatched_prefixes_and_an_empty_budget(tiny, tok):
+    prompts = [M.chat_prompt(tok, q) for q in QUESTIONS[:3]]
+    with pytest.raises(ValueError, match="1 prefixes for 3 prompts"):
+        M.sample(tiny, tok, prompts, [[]], max_new_tokens=2)      # zip would have dropped two rows
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        M.sample(tiny, tok, prompts, max_new_tokens=0)             # one token was sampled anyway
+
+
+def test_the_timeout_note_survives_the_call_limit(tiny, tok):
+    """A block times out (its state is reset, and the next output says so); the next block is
+    past the call limit: its output is the limit message, and the note still goes first."""
+    timeout = SimpleNamespace(output="", ok=False, error="Timeout after 1 s")
+    prefix = tok("```python\nwhile True: pass\n", add_special_tokens=False).input_ids
+    [o] = M.sample(code_writer(tiny, tok), tok, [M.chat_prompt(tok, "Hi")], [prefix], max_new_tokens=12,
+                   greedy=True, executor=lambda cells: timeout, max_code_calls=1)
+    assert len(o.code_calls) == 1 and o.code_calls[0]["error"].startswith("Timeout")
+    assert "```output\n(the previous block timed out; its state was reset)\nReach max function call limit.\n```" \
+        in o.text, o.text
+
+
 def test_plain_text_prompts_stop_at_the_next_question(tiny, tok):
     """Without a chat template chat_prompt writes "Question: ...\nAnswer: " turns, and a base
     model answers and then invents the next turn, boxed answer and all; the grader then read
