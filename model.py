@@ -394,7 +394,7 @@ def _uniform(keys, counts):
     """Counter-based noise: one uniform in (0, 1) per (row key, draw count), a pure function of
     the two, so which rows step together (the sandbox's timing) cannot change a row's draws."""
     h = _mix32(keys ^ _mix32(counts & M32))
-    return ((h >> 8).float() + 0.5) / 2.0 ** 24
+    return ((h >> 8).double() + 0.5) / 2.0 ** 24       # float32 rounds 2**24 - 0.5 up to 2**24: u = 1
 
 
 def _draw(logits, keys, counts, greedy, temperature, top_k, top_p):

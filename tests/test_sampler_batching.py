@@ -403,3 +403,22 @@ def test_uniform_noise_is_uniform_and_draws_follow_the_distribution():
     # top-k 2 never draws outside the two largest logits
     token, _ = M._draw(logits, keys, torch.zeros_like(keys), False, 1.0, 2, 1.0)
     assert set(token.tolist()) == {1, 2}
+
+
+def unmix32(x):
+    """The inverse of model._mix32 (each xorshift by 16 undoes itself; each product by an odd
+    number is undone by its inverse modulo 2**32)."""
+    for mult in (0x5BD1E995, 0x68E31DA5, 0x7FEB352D):
+        x = x ^ (x >> 16)
+        x = (x * pow(mult, -1, 2 ** 32)) & M.M32
+    return x ^ (x >> 16)
+
+
+def test_uniform_noise_stays_inside_the_open_interval_at_its_ends():
+    """The key whose hash is the largest: (2**24 - 1 + 0.5) / 2**24 in float32 rounded to 1.0,
+    a uniform outside (0, 1) once in 2**24 draws."""
+    c = M._mix32(0)
+    assert unmix32(M._mix32(12345)) == 12345
+    ends = torch.tensor([unmix32(0xFFFFFFFF) ^ c, unmix32(0) ^ c])
+    u = M._uniform(ends, torch.zeros_like(ends))
+    assert 1 - float(u[0]) == 2.0 ** -25 and float(u[1]) == 2.0 ** -25
