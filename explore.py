@@ -192,6 +192,8 @@ def check_estep_args(args, uses_prior=True):
         E.fail(f"--keep {args.keep} is more than the 2 * --k = {2 * args.k} rollouts of a query")
     if uses_prior and args.prior == "native" and args.native_k < 1:
         E.fail("--prior native estimates pi(c|x) from unforced rollouts: it needs --native-k >= 1")
+    if M.CODE_BLOCK.search(args.code_prefix):
+        E.fail(f"--code-prefix {M.CLOSED_PREFIX}")
 
 
 def check_args(args):

@@ -343,6 +343,9 @@ class Rollout:
 
 
 CODE_BLOCK = re.compile(r"```python[ \t]*\n(.*?)```", re.S)
+# sample runs the blocks that sampled tokens close; one a forced prefix closed would run late,
+# when the model next wrote a backtick, its output landing there
+CLOSED_PREFIX = "closes a ```python block: end a forced prefix inside its block (e.g. '```python\\n')"
 
 
 def truncate_middle(text, limit):
@@ -892,7 +895,8 @@ def sample(model, tok, prompts, prefixes=None, *, max_new_tokens=512, temperatur
     """Sample one solution per prompt (lists of token ids). Returns a list of Rollout, in order.
 
     prefixes: per-prompt forced response prefix (token ids), fed as if the model had written
-    them but marked as not sampled. executor(cells) -> object with .output .ok .error.
+    them but marked as not sampled; with code on, one may open a ```python block but not close
+    it (ValueError). executor(cells) -> object with .output .ok .error.
     code=False turns code interleaving off (plain generation). max_new_tokens counts sampled
     tokens; inserted tokens (prefix, outputs) are bounded by max_output_chars instead.
     stop: strings that end a solution when a sampled token completes one (one inside an inserted
@@ -927,6 +931,9 @@ def sample(model, tok, prompts, prefixes=None, *, max_new_tokens=512, temperatur
     if max_new_tokens < 1:
         raise ValueError(f"sample: max_new_tokens must be at least 1, got {max_new_tokens}")
     prefixes = prefixes or [[] for _ in prompts]
+    closed = [i for i, f in enumerate(prefixes) if code and f and CODE_BLOCK.search(tok.decode(f))]
+    if closed:
+        raise ValueError(f"sample: prefix {closed[0]} {CLOSED_PREFIX}")
     if stop is None:
         stop = () if tok.chat_template else ("\nQuestion:",)
     if any(not p and not f for p, f in zip(prompts, prefixes)):
@@ -1071,6 +1078,8 @@ def check_args(args):
         args.prefix = args.prefix.encode().decode("unicode_escape")
     except UnicodeDecodeError as e:
         raise SystemExit(f"error: --prefix: bad backslash escape ({e.reason})")
+    if CODE_BLOCK.search(args.prefix):
+        raise SystemExit(f"error: --prefix {CLOSED_PREFIX}")
 
 
 def main(argv=None):

@@ -116,6 +116,7 @@ def test_evaluate_refuses_bad_data_files(refused, files, name, expect):
     (["--max-new-tokens", "0"], "--max-new-tokens"),
     (["--temperature", "0"], "--temperature must be > 0"),
     (["--keep", "9"], "--keep 9 is more than"),
+    (["--code-prefix", "```python\nprint(1)\n```\n"], "--code-prefix closes a ```python block"),
     (["--native-k", "0"], "--native-k >= 1"),
     (["--native-k", "-1", "--algo", "rl"], "--native-k must be >= 0"),
     (["--alpha", "-1"], "--alpha"),
@@ -172,6 +173,7 @@ def test_an_intact_trainer_state_passes_the_check(tmp_path):
     (["--keep", "9"], "--keep 9"),
     (["--native-k", "0"], "--native-k >= 1"),
     (["--temperature", "-1"], "--temperature"),
+    (["--code-prefix", "```python\nx = 1\n```"], "--code-prefix closes a ```python block"),
     (["--out", "."], "is a directory"),
     (["--out", "/proc/x/explore.jsonl"], "--out /proc/x/explore.jsonl"),
     (["--data", "builtin:nonsense"], "builtin:nonsense"),
@@ -189,6 +191,7 @@ def test_explore_refuses_an_empty_data_file(refused, files):
     (["--temperature", "-1"], "--temperature"),
     (["--question", " "], "--question is empty"),
     (["--prefix", "\\x"], "--prefix"),
+    (["--prefix", "```python\\nprint(1)\\n```"], "--prefix closes a ```python block"),
 ])
 def test_model_main_refuses_bad_flags(refused, argv, expect):
     assert expect in refused(M.main, argv + ["--model", "tiny"])

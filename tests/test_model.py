@@ -159,6 +159,17 @@ def test_sample_refuses_mismatched_prefixes_and_an_empty_budget(tiny, tok):
         M.sample(tiny, tok, prompts, max_new_tokens=0)             # one token was sampled anyway
 
 
+def test_sample_refuses_a_prefix_that_closes_a_code_block(tiny, tok):
+    """The block would run only when the model next wrote a backtick, its output inserted
+    there. Without code, or with the block left open, the prefix is fine."""
+    prompts = [M.chat_prompt(tok, q) for q in QUESTIONS[:2]]
+    closed = tok("```python\nprint(1)\n```\nSo", add_special_tokens=False).input_ids
+    with pytest.raises(ValueError, match="prefix 1 closes a ```python block"):
+        M.sample(tiny, tok, prompts, [[], closed], max_new_tokens=2)
+    assert len(M.sample(tiny, tok, prompts, [[], closed], max_new_tokens=2, code=False)) == 2
+    assert len(M.sample(tiny, tok, prompts, [[], closed[:-3]], max_new_tokens=2)) == 2
+
+
 def test_the_timeout_note_survives_the_call_limit(tiny, tok):
     """A block times out (its state is reset, and the next output says so); the next block is
     past the call limit: its output is the limit message, and the note still goes first."""
