@@ -232,8 +232,9 @@ def write_json_atomic(path, obj):
 
 class Progress:
     """A tqdm bar over rollouts that moves while they are sampled, with tokens/s and the time
-    left. Pass `hook` as model.sample's `progress=`: the sampler calls it after every decode
-    step with (tokens sampled in that step, rows that finished in it). After each sample call,
+    left. Pass `hook` as model.sample's `progress=`: the sampler calls it after every forward
+    that samples with (tokens sampled in it, rows that finished since the last call), and with
+    0 tokens when rows end as an output goes in. After each sample call,
     batch_done(outs) settles the counts with what came back, so the totals are exact even from
     a sampler that reported nothing.
 

@@ -641,6 +641,19 @@ def _watched(tok, chars):
     return _WATCH[key]
 
 
+def completes_stop(tok, stops, tail):
+    """Whether the last token of `tail` (token ids) completes one of `stops`: an occurrence in
+    the text that ends past the text without that token. One inside an inserted output or a
+    prefix is not the model's and stops nothing; one the model finishes, overlapping what came
+    before ("==" after "x=="), does. Trailing U+FFFD (a character's first bytes, which the last
+    token may complete) is not counted as text before it."""
+    now = tok.decode(tail)
+    if not any(s in now for s in stops):
+        return False
+    before = len(tok.decode(tail[:-1]).rstrip("\ufffd"))
+    return any(s and now.find(s, max(0, before - len(s) + 1)) >= 0 for s in stops)
+
+
 # Device types whose forward leaves the CPU's cores free. There, under lockstep, a row sits out
 # one turn after its block closes (lag 1): its execution runs in the sandbox while the other rows
 # take a step, instead of every row waiting for it. On a CPU the sandbox would take the cores the
@@ -806,7 +819,7 @@ class _Sampler:
         r.feed = [token]
         if token in self.eos:
             return self.finish(r, "eos")
-        if token in self.stop_ids and self.completes_stop(out.response_ids[-self.stop_span:]):
+        if token in self.stop_ids and completes_stop(self.tok, self.stop, out.response_ids[-self.stop_span:]):
             return self.finish(r, "stop")
         if token in self.tick_ids:
             text = self.tok.decode(out.response_ids[r.scan:])
@@ -815,16 +828,6 @@ class _Sampler:
                 return self.start_code(r, m.group(1), text.endswith("\n"))
         if r.n_new >= self.max_new_tokens:
             return self.finish(r, "length")
-
-    def completes_stop(self, tail):
-        """Whether the last token of `tail` completes a stop string: one more occurrence in the
-        text than without it. A stop string inside an inserted output or a prefix is not the
-        model's, and stops nothing."""
-        now = self.tok.decode(tail)
-        if not any(s in now for s in self.stop):
-            return False
-        before = self.tok.decode(tail[:-1])
-        return any(now.count(s) > before.count(s) for s in self.stop)
 
     def finish(self, r, why):
         r.out.finish, r.done = why, True

@@ -127,13 +127,25 @@ def test_a_stop_string_in_an_inserted_output_stops_nothing(tiny, tok):
     prompt, prefix = M.chat_prompt(tok, "What is 2+2?"), t("```python\nprint(1)\n")
     printed = SimpleNamespace(output="Question: 5", ok=True, error=None)
     [o] = M.sample(lm, tok, [prompt], [prefix], max_new_tokens=4, greedy=True, stop=["\nQuestion:"],
-                   executor=lambda cells: printed, max_code_calls=1)
+                   executor=lambda cells: printed, max_code_calls=1, ignore_eos=True)
     assert "```output\nQuestion: 5\n```\n```:" in o.text, o.text     # the output, then the model's ":"
     assert o.finish == "length" and o.n_sampled == 4
     # ...while a ":" that does complete it stops the row: the stop string's opening as the prefix
     [o] = M.sample(lm, tok, [prompt], [t("\nQuestion```")], max_new_tokens=4, greedy=True, stop=["Question```:"],
                    code=False)
     assert o.finish == "stop" and o.n_sampled == 1 and o.text.endswith("Question```:")
+
+
+def test_completes_stop_counts_only_text_the_last_token_adds(tok):
+    ids = lambda *pieces: [tok(p, add_special_tokens=False).input_ids[0] for p in pieces]
+    assert M.completes_stop(tok, ["=="], ids("x", "=", "="))
+    assert M.completes_stop(tok, ["=="], ids("x", "=", "=", "="))     # overlaps the "==" before it
+    assert not M.completes_stop(tok, ["=="], ids("=", "=", "x"))      # there already: not this token's
+    assert not M.completes_stop(tok, ["=="], ids("=", "x", "="))
+    arrow = tok("x⟹", add_special_tokens=False).input_ids              # "⟹" is three byte tokens here
+    assert len(arrow) == 4 and "\ufffd" in tok.decode(arrow[:-1])
+    assert M.completes_stop(tok, ["⟹"], arrow)                         # its last byte completes it
+    assert not M.completes_stop(tok, ["⟹"], arrow[:-1])
 
 
 @pytest.mark.parametrize("word", ["質問：", "問題：", "문제:"])
